@@ -1,0 +1,67 @@
+"""The Flower ClientApp: one device, one user.
+
+In simulation, node `partition-id` k is the k-th user of the split and sees only that user's split; in a
+deployment (`data-dir` in the node config) the device reads its own directory.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.device import Device
+from shared.config import RunConfig, from_flat
+from shared.data.resolve import resolve_dataset
+from shared.data.split import leave_one_out
+from shared.features import load_cached
+
+app = ClientApp()
+torch.set_num_threads(1)  # simulated devices run side by side; one thread each was fastest here
+
+
+@functools.lru_cache(maxsize=2)
+def _population(cfg: RunConfig):
+    dataset_dir = resolve_dataset(cfg)
+    dataset, content = load_cached(str(dataset_dir), cfg.modalities, cfg.cache_dir)
+    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
+    users = split.users[: cfg.max_users] if cfg.max_users else split.users
+    return dataset, content, users
+
+
+def simulated_device(cfg: RunConfig, partition_id: int) -> Device:
+    dataset, content, users = _population(cfg)
+    if not 0 <= partition_id < len(users):
+        raise ValueError(
+            f"partition-id {partition_id} is outside the {len(users)} users of this run; "
+            "the federation's num-supernodes must equal the number of clients"
+        )
+    user = users[partition_id]
+    user_id = dataset.user_ids[user.user]
+    return Device(user_id, user, content, dataset.n_items, cfg, Path(cfg.state_dir) / user_id)
+
+
+def device_for(context: Context, cfg: RunConfig) -> Device:
+    if "partition-id" in context.node_config:
+        return simulated_device(cfg, int(context.node_config["partition-id"]))
+    raise ValueError(
+        "this node has no partition-id in its node config (simulation); deployment nodes are not "
+        "supported by this ClientApp yet"
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = from_flat(context.run_config)
+    device = device_for(context, cfg)
+    server_round = int(msg.content["config"]["server-round"])
+    reply = device.train_round(msg.content["arrays"].to_torch_state_dict(), server_round)
+    records: dict = {"metrics": MetricRecord(reply.metrics)}
+    if reply.delta is not None:
+        records["arrays"] = ArrayRecord(reply.delta)
+    else:
+        records["config"] = ConfigRecord({"reason": reply.declined})
+    return Message(RecordDict(records), reply_to=msg)

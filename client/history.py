@@ -1,0 +1,30 @@
+"""The user's history summary, released once per history with the Gaussian mechanism.
+
+The user tower reads the history as the sum of the history items' content rows (`history_features`,
+each of L2 norm at most 1). Adding or removing one interaction moves that sum by at most 1, so Gaussian
+noise of std `sigma` makes the release (sigma)-Gaussian-DP at record level; everything trained from it
+afterwards is post-processing. The release is kept on the device and reused while the history is
+unchanged, so it is charged to the privacy ledger once, not once per round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def history_key(train_items: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(train_items, dtype=np.int64).tobytes()).hexdigest()
+
+
+def release_history(
+    item_rows: torch.Tensor, train_items: np.ndarray, sigma: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Direction of the (noised, when sigma > 0) sum of the history items' rows."""
+    total = item_rows[torch.as_tensor(np.asarray(train_items), dtype=torch.long)].sum(0)
+    if sigma > 0:
+        total = total + sigma * torch.randn(total.shape, generator=generator)
+    return F.normalize(total, dim=0)

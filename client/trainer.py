@@ -1,0 +1,157 @@
+"""Local training on one device: plain SGD, or DP-SGD through Opacus.
+
+One training example is one interaction of the user: (target item, sampled negatives). The loss is a
+softmax over the target and its own negatives. Two choices keep each example's gradient a function of
+that example alone, which is what DP-SGD's sensitivity bound (the clip norm) assumes:
+- negatives are drawn uniformly from the whole catalogue (never from "items the user has not seen", a
+  pool that depends on the user's other records) and never from the batch (in-batch negatives couple
+  examples: NOTES.md section 4);
+- the user's history enters only as a summary released once with Gaussian noise (`client.history`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.config import RunConfig
+from shared.model import TwoTower, is_private
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    examples: int
+    steps: int
+    sample_rate: float  # Poisson sampling rate of DP-SGD (batch_size / examples), 0 without DP
+    noise_multiplier: float  # 0 without DP
+    loss: float
+
+
+def sample_candidates(
+    targets: torch.Tensor, n_items: int, n_negatives: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(B, 1 + K): each example's target then K negatives drawn uniformly from the other items."""
+    draws = torch.randint(0, n_items - 1, (targets.shape[0], n_negatives), generator=generator)
+    negatives = draws + (draws >= targets.unsqueeze(1)).long()  # skip the target, stay uniform
+    return torch.cat([targets.unsqueeze(1), negatives], dim=1)
+
+
+def example_logits(
+    model: nn.Module,
+    history: torch.Tensor,
+    targets: torch.Tensor,
+    n_items: int,
+    cfg: RunConfig,
+    generator: torch.Generator,
+    users: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, 1 + K) with the positive in column 0; negatives and ID dropout drawn per example.
+    `history` is (B, H) or (1, H) for one user; `users` indexes private vectors in central training."""
+    candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
+    keep = torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
+    return model(history.expand(targets.shape[0], -1), candidates, keep, users)
+
+
+def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    shared = [p for n, p in model.named_parameters() if not is_private(n) and p.requires_grad]
+    private = [p for n, p in model.named_parameters() if is_private(n) and p.requires_grad]
+    groups = [{"params": shared, "lr": cfg.learning_rate}]
+    if private:
+        groups.append({"params": private, "lr": cfg.private_learning_rate})
+    return torch.optim.SGD(groups, lr=cfg.learning_rate)
+
+
+def train_local(
+    model: TwoTower,
+    train_items: np.ndarray,
+    history: torch.Tensor,
+    cfg: RunConfig,
+    seed: int,
+    dp: bool,
+) -> TrainResult:
+    """Train `model` in place on the user's training interactions for `cfg.local_epochs` epochs."""
+    n_items = model.items.n_items
+    targets = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
+    n = int(targets.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    history = history.reshape(1, -1).float()
+    loader = DataLoader(TensorDataset(targets), batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    sample_rate, sigma = 0.0, 0.0
+    if dp:
+        from opacus import PrivacyEngine
+
+        sample_rate, _ = local_steps(n, cfg)
+        sigma = cfg.noise_multiplier
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns that secure_mode is off: stated in the docs
+            engine = PrivacyEngine(accountant="prv")
+            # Poisson sampling with rate batch_size / n: the sampling the accountant assumes.
+            made = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                data_loader=loader,
+                noise_multiplier=sigma,
+                max_grad_norm=cfg.clip_norm,
+                poisson_sampling=True,
+                grad_sample_mode=cfg.grad_sample_mode,
+                noise_generator=torch.Generator().manual_seed(seed + 1),
+            )
+        if cfg.grad_sample_mode == "ghost":
+            model, optimizer, criterion, loader = made
+        else:
+            model, optimizer, loader = made
+        if abs(loader.sample_rate - sample_rate) > 1e-12:
+            raise RuntimeError(
+                f"Opacus sampled at rate {loader.sample_rate}, the ledger expects {sample_rate}"
+            )
+    steps, total, seen = 0, 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for (batch,) in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if batch.numel() == 0:
+                # An empty Poisson batch still takes a (noise-only) step, as the accountant assumes.
+                if dp:
+                    _noise_only_step(optimizer)
+                steps += 1
+                continue
+            logits = example_logits(model, history, batch, n_items, cfg, generator)
+            loss = criterion(logits, torch.zeros(batch.shape[0], dtype=torch.long))
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total += float(loss.detach()) * batch.shape[0]
+            seen += batch.shape[0]
+    if dp:
+        model.remove_hooks()  # the wrapped TwoTower lives on; leave it without Opacus hooks
+    return TrainResult(n, steps, sample_rate, sigma, total / max(seen, 1))
+
+
+def _noise_only_step(optimizer) -> None:
+    """What Opacus's DPOptimizer does for a batch with no examples: the summed clipped gradient is
+    zero, so the step is Gaussian noise of std sigma * C, averaged over the expected batch size."""
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                noise = torch.normal(0.0, std, p.shape, generator=optimizer.generator)
+                p.grad = noise / optimizer.expected_batch_size
+    optimizer.original_optimizer.step()
+
+
+def local_steps(n_examples: int, cfg: RunConfig) -> tuple[float, int]:
+    """The DP-SGD Poisson sampling rate and step count of one round of local training.
+
+    As Opacus derives them: rate 1 / ceil(n / batch_size), and ceil(n / batch_size) steps per epoch.
+    """
+    batches = math.ceil(n_examples / cfg.batch_size)
+    return 1.0 / batches, cfg.local_epochs * batches

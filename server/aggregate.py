@@ -1,0 +1,75 @@
+"""Server-side aggregation: client sampling, FedAvg over shared weights, and DP-FedAvg (user level).
+
+FedAvg here weights every client equally: a client's example count is data-dependent, and weighting by
+it would let one device's unbounded self-report steer the model and leak its size. Under user-level DP
+(DP-FedAvg, McMahan et al. 2018) each client's whole update is clipped on the device (and the norm is
+checked here), Gaussian noise of std `sigma * C` is added to the sum, and the sum is divided by a fixed
+denominator, the expected number of sampled clients, so that one user changes the result by at most C /
+denominator whatever happened to the others.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from shared.updates import UpdateError, check_update
+
+
+def sample_clients(nodes: Sequence[int], fraction: float) -> tuple[list[int], bool]:
+    """Poisson sampling: each node joins independently with probability `fraction`, drawn from the OS
+    CSPRNG (`secrets`), independent of any data. Returns the sample and whether it is random (the
+    condition for claiming amplification by sampling); fraction 1 takes everyone, not random."""
+    if fraction >= 1.0:
+        return list(nodes), False
+    rng = secrets.SystemRandom()
+    return [n for n in nodes if rng.random() < fraction], True
+
+
+@dataclass
+class Aggregate:
+    delta: dict[str, torch.Tensor] | None
+    accepted: int
+    rejected: list[str] = field(default_factory=list)  # one reason per rejected update
+
+
+def aggregate(
+    updates: Sequence[tuple[str, dict[str, torch.Tensor]]],
+    reference: dict[str, torch.Tensor],
+    user_dp: bool = False,
+    clip_norm: float = 1.0,
+    noise_multiplier: float = 0.0,
+    expected_clients: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Aggregate:
+    """Validate each `(source, update)` and average the valid ones (or sum, noise and divide by the
+    fixed `expected_clients` under user-level DP). Invalid updates are left out and reported."""
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
+    accepted, rejected = 0, []
+    for source, update in updates:
+        try:
+            check_update(update, reference, clip_norm if user_dp else None, source)
+        except UpdateError as exc:
+            rejected.append(str(exc))
+            continue
+        for k, v in update.items():
+            total[k] += v.double()
+        accepted += 1
+    if user_dp:
+        if expected_clients <= 0:
+            raise ValueError(f"expected_clients = {expected_clients}: DP-FedAvg needs a positive fixed denominator")
+        # The noise is added even when no update arrived: the mechanism the ledger records always runs.
+        generator = generator or torch.Generator().manual_seed(secrets.randbits(62))
+        std = noise_multiplier * clip_norm
+        for k, v in total.items():
+            v += torch.normal(0.0, std, v.shape, generator=generator, dtype=torch.float64)
+        denominator = expected_clients
+    else:
+        if accepted == 0:
+            return Aggregate(None, 0, rejected)
+        denominator = accepted
+    delta = {k: (v / denominator).to(reference[k].dtype) for k, v in total.items()}
+    return Aggregate(delta, accepted, rejected)

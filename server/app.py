@@ -1,0 +1,128 @@
+"""The Flower ServerApp: samples clients, aggregates their shared-weight updates, keeps the user-level
+privacy ledger, records every round and checkpoints the global model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.aggregate import aggregate, sample_clients
+from server.records import RunRecorder
+from shared.config import RunConfig, from_flat
+from shared.features import catalogue_shapes, placeholder_content
+from shared.model import build_model, shared_state
+from shared.privacy.accounting import SampledGaussian, epsilon
+from shared.privacy.ledger import PrivacyLedger
+
+app = ServerApp()
+
+USER_NEIGHBOURING = "add or remove one user (all of a client's data)"
+
+
+def initial_model(cfg: RunConfig, dataset_dir: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.seed)
+    n_items, dims = catalogue_shapes(dataset_dir, cfg.modality_list)
+    return shared_state(build_model(placeholder_content(n_items, dims), n_items, cfg))
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(nodes)} of the {minimum} nodes (min-clients) connected within {timeout:.0f} s"
+            )
+        time.sleep(1.0)
+    return nodes
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_flat(context.run_config)
+    dataset_dir = os.environ.get("AVREC_DATASET_DIR") or cfg.dataset
+    run(grid, cfg, dataset_dir)
+
+
+def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
+    out = Path(cfg.out)
+    recorder = RunRecorder(out)
+    global_state = initial_model(cfg, dataset_dir)
+    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user") if cfg.user_dp else None
+    nodes = wait_for_nodes(grid, cfg.min_clients)
+    log(INFO, "avrec: %d clients, %d rounds, dp=%s", len(nodes), cfg.num_rounds, cfg.dp)
+    for server_round in range(1, cfg.num_rounds + 1):
+        started = time.perf_counter()
+        nodes = list(grid.get_node_ids())
+        sampled, random_sample = sample_clients(nodes, cfg.fraction_train)
+        expected = cfg.fraction_train * len(nodes)
+        user_event = None
+        if ledger is not None:
+            # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
+            user_event = SampledGaussian(cfg.user_noise_multiplier, cfg.fraction_train if random_sample else 1.0, 1)
+            after = epsilon(ledger.events() + [user_event], cfg.user_delta, accountant="rdp")
+            if after > cfg.user_epsilon_budget:
+                log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f "
+                    "(RDP bound, delta %g) over the budget %g", server_round, after, cfg.user_delta,
+                    cfg.user_epsilon_budget)
+                recorder.stopped(f"user-level budget {cfg.user_epsilon_budget} reached before round {server_round}")
+                break
+        content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": server_round})})
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
+        replies = list(grid.send_and_receive(messages)) if messages else []
+
+        updates, metric_rows, declined, failed = [], [], [], []
+        for reply in replies:
+            source = f"node {reply.metadata.src_node_id}"
+            if reply.has_error():
+                failed.append(f"{source}: {reply.error.reason}")
+                continue
+            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            if metrics.get("declined"):
+                declined.append(f"{source}: {reply.content['config'].get('reason', '')}" if "config" in reply.content else source)
+                continue
+            metric_rows.append(metrics)
+            updates.append((source, reply.content["arrays"].to_torch_state_dict()))
+        failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
+
+        result = aggregate(
+            updates, global_state, user_dp=cfg.user_dp, clip_norm=cfg.user_clip_norm,
+            noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected,
+        )
+        if result.delta is not None:
+            global_state = {k: v + cfg.server_learning_rate * result.delta[k] for k, v in global_state.items()}
+        if ledger is not None and user_event is not None:
+            ledger.append(
+                level="user", round=server_round, mechanism="dp-fedavg",
+                noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
+                clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
+                amplification=random_sample, neighbouring=USER_NEIGHBOURING,
+                details={"population": len(nodes), "sampled": len(sampled), "aggregated": result.accepted,
+                         "denominator": expected, "fraction": cfg.fraction_train},
+            )
+        recorder.round(
+            server_round,
+            metric_rows,
+            seconds=time.perf_counter() - started,
+            sampled=len(sampled),
+            aggregated=result.accepted,
+            declined=declined,
+            rejected=result.rejected,
+            failed=failed,
+            user_epsilon=ledger.epsilon(cfg.user_delta).epsilon if ledger is not None else None,
+        )
+        recorder.checkpoint(global_state)
+        for reason in (declined + result.rejected + failed)[:3]:
+            log(WARNING, "avrec: round %d: %s", server_round, reason)
+        log(INFO, "%s", recorder.progress_line())
+        if not updates and not declined and not replies:
+            log(WARNING, "avrec: round %d got no replies", server_round)
+    recorder.finish(cfg)
+    log(INFO, "avrec: results in %s", out / "federated.json")

@@ -1,0 +1,173 @@
+"""Run configuration: one typed place for every setting of a federated run.
+
+The same flat, kebab-case keys are used by `[tool.flwr.app.config]` in pyproject.toml (Flower's run
+config), by the files in `configs/`, and by `avrec simulate --set key=value`. A test checks that the
+defaults below and pyproject.toml agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+DP_MODES = ("none", "record", "user", "both")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, has the wrong type, or is out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Data
+    dataset: str = "movielens-100k"  # "movielens-100k" or a directory in avrec's dataset format
+    data_root: str = ""  # where ml-100k lives; "" = $AVREC_DATA_DIR or ../shared/data beside the repo
+    cache_dir: str = ""  # embedding and dataset cache; "" = $AVREC_CACHE_DIR or ~/.cache/avrec
+    max_users: int = 0  # 0 = every user is a client; N = the first N users (smoke runs)
+    seed: int = 0
+    eval_negatives: int = 99
+
+    # Model
+    embedding_dim: int = 64
+    modalities: str = "text"  # comma-separated content modalities of the item tower
+    id_embeddings: bool = True  # learned item-ID embedding for items seen in training
+    id_dropout: float = 0.2  # chance per example to drop ID embeddings, so content alone learns to rank
+    private_user_vector: bool = True  # per-user vector kept on the device, never sent
+    logit_scale: float = 10.0  # cosine similarity times this is the score
+
+    # Local training (on each device)
+    num_negatives: int = 8  # sampled negatives per training example (per example, never in-batch)
+    local_epochs: int = 1
+    batch_size: int = 16  # expected batch size; under DP-SGD the sampling rate is batch_size / n
+    learning_rate: float = 0.5
+    private_learning_rate: float = 0.5  # learning rate of the private user vector
+
+    # Federation (server)
+    num_rounds: int = 20
+    fraction_train: float = 1.0  # fraction of clients sampled per round
+    server_learning_rate: float = 1.0  # the server steps by this times the mean client update
+    min_clients: int = 2
+
+    # Privacy
+    dp: str = "record"  # none | record | user | both
+    noise_multiplier: float = 1.0  # record level (DP-SGD on the device)
+    clip_norm: float = 1.0
+    delta: float = 1e-5  # record level, per client
+    epsilon_budget: float = 20.0  # record level, per client: a client declines a round that would exceed it
+    history_noise_multiplier: float = 4.0  # record level: Gaussian noise on the user's history summary
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks (fastest measured here for this model) or ghost
+    user_noise_multiplier: float = 1.0  # user level (DP-FedAvg on the server)
+    user_clip_norm: float = 1.0
+    user_delta: float = 1e-4
+    user_epsilon_budget: float = 20.0
+
+    # Outputs
+    out: str = ""  # run directory; "" = none
+    state_dir: str = ""  # where simulated devices keep their state; "" = <out>/devices
+
+    def __post_init__(self) -> None:
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
+        if self.grad_sample_mode not in ("ghost", "hooks"):
+            raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
+        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a positive integer")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train = {self.fraction_train}: expected 0 < value <= 1")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ConfigError(f"id-dropout = {self.id_dropout}: expected 0 <= value < 1")
+        for name in ("delta", "user_delta"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected 0 < delta < 1")
+        for name in ("noise_multiplier", "clip_norm", "user_noise_multiplier", "user_clip_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value >= 0")
+        if self.record_dp and (self.noise_multiplier <= 0 or self.clip_norm <= 0):
+            raise ConfigError(
+                f"dp = {self.dp!r} needs noise-multiplier > 0 and clip-norm > 0 "
+                f"(got {self.noise_multiplier}, {self.clip_norm})"
+            )
+        if self.user_dp and (self.user_noise_multiplier <= 0 or self.user_clip_norm <= 0):
+            raise ConfigError(
+                f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "
+                f"(got {self.user_noise_multiplier}, {self.user_clip_norm})"
+            )
+
+    @property
+    def record_dp(self) -> bool:
+        return self.dp in ("record", "both")
+
+    @property
+    def user_dp(self) -> bool:
+        return self.dp in ("user", "both")
+
+    @property
+    def modality_list(self) -> list[str]:
+        return [m.strip() for m in self.modalities.split(",") if m.strip()]
+
+    def to_flat(self) -> dict[str, Any]:
+        """The config as Flower run-config keys (kebab-case)."""
+        return {key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+_FIELDS = {key(f.name): f for f in fields(RunConfig)}
+
+
+def from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Build a config from kebab-case keys, coercing types; unknown keys are an error."""
+    base = base or RunConfig()
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in _FIELDS:
+            close = [k for k in _FIELDS if k.split("-")[0] == name.split("-")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown setting {name!r}{hint}")
+        field = _FIELDS[name]
+        changes[field.name] = _coerce(name, value, type(getattr(base, field.name)))
+    return dataclasses.replace(base, **changes)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return kind(text)
+        except ValueError:
+            pass
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{name} = {value!r}: expected a {kind.__name__}")
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then a TOML file of flat keys (optionally under [config]), then overrides."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        config = from_flat(table.get("config", table), config)
+    if overrides:
+        config = from_flat(overrides, config)
+    return config

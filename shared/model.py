@@ -1,0 +1,183 @@
+"""The two-tower recommender shared by devices and server.
+
+Item tower: frozen content embeddings per modality (computed on the device) -> one trainable projection
+per modality -> fused with learned modality weights (renormalised over the modalities an item has) ->
+plus a learned item-ID embedding for items in the training catalogue -> L2-normalised item vector.
+Items outside the catalogue, or with their ID dropped, are represented by content alone (cold start).
+
+User tower: a summary of the user's history in content space (released with Gaussian noise under
+record-level DP, see `client.history`) through a trainable projection, plus an optional private
+per-user vector -> L2-normalised user vector. Score = logit_scale * cosine(user, item).
+
+Every trainable parameter sits in an `nn.Linear` or `nn.Embedding`, the layers for which Opacus computes
+exact per-sample gradients and norms (ghost clipping); single vectors (modality weights, the private
+user vector) are one-row embeddings looked up at index 0 for that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PRIVATE_PREFIX = "user_vector."  # parameters under this prefix never leave the device
+
+
+class ItemTower(nn.Module):
+    def __init__(
+        self,
+        content: Mapping[str, torch.Tensor],
+        content_mask: torch.Tensor,
+        n_catalogue: int,
+        dim: int,
+        id_embeddings: bool = True,
+    ) -> None:
+        """`content[m]` is (n_items, d_m); `content_mask` (n_items, n_modalities) marks present ones.
+
+        The first `n_catalogue` items have ID embeddings; items after them are content-only.
+        """
+        super().__init__()
+        self.modalities = list(content)
+        for i, name in enumerate(self.modalities):
+            self.register_buffer(f"content_{i}", content[name].float(), persistent=False)
+        self.register_buffer("content_mask", content_mask.float(), persistent=False)
+        self.projections = nn.ModuleList(
+            nn.Linear(content[m].shape[1], dim, bias=False) for m in self.modalities
+        )
+        self.modality_logits = nn.Embedding(1, len(self.modalities))
+        nn.init.zeros_(self.modality_logits.weight)
+        self.n_catalogue = n_catalogue
+        self.ids = nn.Embedding(n_catalogue, dim) if id_embeddings else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.1)
+
+    @property
+    def n_items(self) -> int:
+        return self.content_mask.shape[0]
+
+    def modality_weights(self) -> torch.Tensor:
+        return torch.softmax(self.modality_logits.weight[0], dim=0)
+
+    def forward(self, items: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors (..., dim) for an index tensor (...). `id_keep` (same shape, bool) drops the ID
+        embedding where False; items outside the catalogue never have one."""
+        zero = torch.zeros(items.shape, dtype=torch.long, device=items.device)
+        logits = self.modality_logits(zero)  # (..., M): one row, looked up per example for Opacus
+        mask = self.content_mask[items]  # (..., M)
+        weights = torch.softmax(logits.masked_fill(mask == 0, -1e9), dim=-1) * mask
+        fused = 0
+        for i, projection in enumerate(self.projections):
+            fused = fused + weights[..., i : i + 1] * projection(getattr(self, f"content_{i}")[items])
+        if self.ids is not None:
+            known = items < self.n_catalogue
+            if id_keep is not None:
+                known = known & id_keep
+            ids = self.ids(items.clamp(max=self.n_catalogue - 1))
+            fused = fused + ids * known.unsqueeze(-1).to(ids.dtype)
+        return F.normalize(fused, dim=-1)
+
+
+class UserTower(nn.Module):
+    def __init__(self, history_dim: int, dim: int, private_vector: bool = True, n_users: int = 1) -> None:
+        """A device holds one private vector (`n_users=1`); central training holds one per user."""
+        super().__init__()
+        self.history = nn.Linear(history_dim, dim, bias=False)
+        self.user_vector = nn.Embedding(n_users, dim) if private_vector else None
+        if self.user_vector is not None:
+            nn.init.normal_(self.user_vector.weight, std=0.1)
+
+    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """`history` (B, history_dim): each example's copy of its user's history summary; `users` (B,)
+        indexes the private vectors (all 0 on a device)."""
+        user = self.history(history)
+        if self.user_vector is not None:
+            if users is None:
+                users = torch.zeros(history.shape[0], dtype=torch.long, device=history.device)
+            user = user + self.user_vector(users)
+        return F.normalize(user, dim=-1)
+
+
+class TwoTower(nn.Module):
+    def __init__(
+        self,
+        content: Mapping[str, torch.Tensor],
+        content_mask: torch.Tensor,
+        n_catalogue: int,
+        dim: int = 64,
+        id_embeddings: bool = True,
+        private_vector: bool = True,
+        logit_scale: float = 10.0,
+        n_users: int = 1,
+    ) -> None:
+        super().__init__()
+        self.items = ItemTower(content, content_mask, n_catalogue, dim, id_embeddings)
+        self.users = UserTower(history_dim(content), dim, private_vector, n_users)
+        self.logit_scale = logit_scale
+
+    def forward(
+        self,
+        history: torch.Tensor,
+        candidates: torch.Tensor,
+        id_keep: torch.Tensor | None = None,
+        users: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores (B, C) of candidate items (B, C) for users given by history summaries (B, H).
+        `id_keep` (B,) bool drops the ID embeddings of an example's candidates where False."""
+        user = self.users(history, users)
+        keep = None if id_keep is None else id_keep.unsqueeze(-1).expand_as(candidates)
+        item = self.items(candidates, keep)
+        return self.logit_scale * torch.einsum("bd,bcd->bc", user, item)
+
+    @torch.no_grad()
+    def score_all(
+        self, history: torch.Tensor, use_ids: bool = True, users: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores (B, n_items) of every item for each history summary (B, H)."""
+        user = self.users(history, users)
+        all_items = torch.arange(self.items.n_items)
+        keep = None if use_ids else torch.zeros_like(all_items, dtype=torch.bool)
+        return self.logit_scale * user @ self.items(all_items, keep).T
+
+
+def build_model(content, n_catalogue: int, cfg) -> TwoTower:
+    """The two towers for an `ItemContent` and a `RunConfig`, as devices, server and baselines build them."""
+    return TwoTower(
+        content.features,
+        content.mask,
+        n_catalogue,
+        cfg.embedding_dim,
+        id_embeddings=cfg.id_embeddings,
+        private_vector=cfg.private_user_vector,
+        logit_scale=cfg.logit_scale,
+    )
+
+
+def history_dim(content: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.shape[1] for v in content.values())
+
+
+def history_features(content: Mapping[str, torch.Tensor], content_mask: torch.Tensor) -> torch.Tensor:
+    """Per-item vectors whose sums summarise a history: each modality L2-normalised and scaled by
+    1/sqrt(n_modalities), concatenated, so every item row has L2 norm at most 1 (the sensitivity of a
+    history sum to adding or removing one interaction)."""
+    scale = 1.0 / len(content) ** 0.5
+    parts = [
+        F.normalize(v.float(), dim=-1) * scale * content_mask[:, i : i + 1]
+        for i, v in enumerate(content.values())
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that are federated: everything except the private user vector."""
+    return {k: v for k, v in model.state_dict().items() if not is_private(k)}
+
+
+def private_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if is_private(k)}
+
+
+def is_private(name: str) -> bool:
+    return f".{PRIVATE_PREFIX}" in f".{name}"

@@ -1,0 +1,94 @@
+"""Reference systems evaluated on the same split and protocols as the federation:
+- popularity: items ranked by how many users have them in training;
+- central: the same two towers trained in one place without DP (every user's private vector in one
+  table, exact history summaries), test metrics at the epoch with the best validation HR@10.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from client.history import release_history
+from client.trainer import example_logits
+from shared.config import RunConfig
+from shared.data.split import UserSplit
+from shared.features import ItemContent
+from shared.metrics import mean_metrics, table, user_metrics
+from shared.model import build_model, history_features
+from server.records import SELECT_BY
+
+
+def evaluate_scores(scores: np.ndarray, users: Sequence[UserSplit]) -> dict[str, float]:
+    """Mean metrics over users; `scores` is (n_users, n_items) in the order of `users`."""
+    return mean_metrics(
+        user_metrics(scores[i], u.train, u.val, u.test, u.val_negatives, u.test_negatives)
+        for i, u in enumerate(users)
+    )
+
+
+def popularity(users: Sequence[UserSplit], n_items: int) -> dict:
+    counts = np.zeros(n_items)
+    for u in users:
+        np.add.at(counts, u.train, 1.0)
+    metrics = evaluate_scores(np.tile(counts, (len(users), 1)), users)
+    return {"test": table(metrics, "test"), "val": table(metrics, "val")}
+
+
+def central(
+    users: Sequence[UserSplit],
+    content: ItemContent,
+    n_items: int,
+    cfg: RunConfig,
+    epochs: int = 30,
+    lr: float = 0.005,
+    batch_size: int = 256,
+) -> dict:
+    """Train the two towers on all users' training interactions at once (no federation, no DP)."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(content, n_items, cfg)
+    if cfg.private_user_vector:  # one private vector per user, in one table
+        from torch import nn
+
+        model.users.user_vector = nn.Embedding(len(users), cfg.embedding_dim)
+        nn.init.normal_(model.users.user_vector.weight, std=0.1)
+    rows = history_features(content.features, content.mask)
+    histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
+    user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
+    targets = torch.cat([torch.as_tensor(u.train, dtype=torch.long) for u in users])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    criterion = torch.nn.CrossEntropyLoss()
+    all_users = torch.arange(len(users))
+    best, history_rows = None, []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            b_users = user_idx[idx]
+            users_in = b_users if cfg.private_user_vector else None
+            logits = example_logits(model, histories[b_users], targets[idx], n_items, cfg, generator, users_in)
+            loss = criterion(logits, torch.zeros(len(idx), dtype=torch.long))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        scores = model.score_all(histories, users=all_users if cfg.private_user_vector else None).numpy()
+        metrics = evaluate_scores(scores, users)
+        history_rows.append({"epoch": epoch, SELECT_BY: metrics[SELECT_BY]})
+        if best is None or metrics[SELECT_BY] > best[1][SELECT_BY]:
+            best = (epoch, metrics)
+    epoch, metrics = best
+    return {
+        "test": table(metrics, "test"),
+        "val": table(metrics, "val"),
+        "best_epoch": epoch,
+        "epochs": epochs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
