@@ -1,0 +1,333 @@
+"""Persistent, append-only, hash-chained record of privacy mechanisms.
+
+A ledger records *mechanisms* (noise multiplier, sampling rate, steps, ...),
+never epsilons: epsilon is always recomputed from the entries by
+:mod:`shared.privacy.accounting`.  The same class is used on each device
+(level "record": DP-SGD over the device's own interactions) and by the server
+(level "user": DP-FedAvg over clients).  The two levels protect different units
+and are kept in separate files; one ledger never mixes levels or neighbouring
+relations.
+
+File format: JSON Lines, one entry per line, each line the canonical JSON
+(:func:`canonical_json`) of the entry including its ``hash``.  ``hash`` is the
+SHA-256 of the canonical JSON of the entry without ``hash`` (see
+:func:`entry_hash`), and ``prev_hash`` is the previous entry's hash ("" for
+the first), so editing, deleting, reordering or appending lines is detected on
+load.  (A hash chain detects accidental or naive edits; an attacker who can
+rewrite the whole file can rebuild the chain.  Signatures over each entry hash
+can be added later: they would be stored in a field listed in
+``HASH_EXCLUDED_FIELDS`` and verified in ``_verify_line``.)
+
+The file is only ever opened for appending: each append writes one line,
+flushes and fsyncs, under an exclusive ``flock``, and refuses to write if the
+file changed since it was loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import numbers
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accounting import EpsilonReport, SampledGaussian, epsilon_after, epsilon_checked
+
+__all__ = [
+    "LEVELS",
+    "LedgerEntry",
+    "LedgerError",
+    "BudgetExceeded",
+    "PrivacyLedger",
+    "canonical_json",
+    "entry_hash",
+]
+
+LEVELS = ("record", "user")
+HASH_EXCLUDED_FIELDS = ("hash",)  # a future "signature" field goes here too
+
+
+def canonical_json(obj: Any) -> str:
+    """The one canonical serialisation used for hashing (and, later, signing)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of `entry` without the excluded fields."""
+    payload = {k: v for k, v in entry.items() if k not in HASH_EXCLUDED_FIELDS}
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+class LedgerError(RuntimeError):
+    """The ledger file is corrupt, inconsistent, or an entry is invalid."""
+
+
+class BudgetExceeded(RuntimeError):
+    """The next mechanism would take epsilon above the budget."""
+
+    def __init__(self, *, budget: float, epsilon: float, delta: float, unit: str, path: Path | None = None):
+        self.budget = budget
+        self.epsilon = epsilon
+        self.delta = delta
+        self.unit = unit
+        self.path = path
+        where = f" (ledger {path})" if path is not None else ""
+        super().__init__(
+            f"privacy budget exceeded{where}: the next step would reach epsilon={epsilon:.4f} "
+            f"at delta={delta:g}, above the budget epsilon={budget:g}; unit: {unit}"
+        )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    level: str  # "record" or "user"
+    round: int
+    mechanism: str  # e.g. "dp-sgd", "gaussian", "dp-fedavg"
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    sampling: str  # "poisson", "none", "uniform-without-replacement", ...
+    amplification: bool  # sample_rate claimed for amplification (False => accounted with q = 1)
+    neighbouring: str  # e.g. "add/remove one interaction"
+    details: dict = field(default_factory=dict)
+    timestamp: float = 0.0
+    prev_hash: str = ""
+    hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def event(self) -> SampledGaussian:
+        """The accounted mechanism: sample_rate only counts if amplification is claimed."""
+        q = self.sample_rate if self.amplification else 1.0
+        return SampledGaussian(self.noise_multiplier, q, self.steps)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(LedgerEntry))
+_CHAIN_FIELDS = ("prev_hash", "hash")
+_USER_FIELDS = tuple(f for f in FIELDS if f not in _CHAIN_FIELDS)
+_REQUIRED_USER_FIELDS = tuple(f for f in _USER_FIELDS if f not in ("level", "details", "timestamp"))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _validate(d: dict[str, Any]) -> list[str]:
+    """Problems with an entry's fields (empty list if valid)."""
+    bad: list[str] = []
+    if d.get("level") not in LEVELS:
+        bad.append(f"level must be one of {LEVELS}, got {d.get('level')!r}")
+    if not _is_int(d.get("round")) or d["round"] < 0:
+        bad.append(f"round must be an integer >= 0, got {d.get('round')!r}")
+    for name in ("mechanism", "sampling", "neighbouring"):
+        if not isinstance(d.get(name), str) or not d[name].strip():
+            bad.append(f"{name} must be a non-empty string, got {d.get(name)!r}")
+    nm = d.get("noise_multiplier")
+    if not _is_real(nm) or not math.isfinite(nm) or nm < 0:
+        bad.append(f"noise_multiplier must be a finite number >= 0, got {nm!r}")
+    q = d.get("sample_rate")
+    if not _is_real(q) or not (0.0 < q <= 1.0):
+        bad.append(f"sample_rate must be in (0, 1], got {q!r}")
+    if not _is_int(d.get("steps")) or d["steps"] < 0:
+        bad.append(f"steps must be an integer >= 0, got {d.get('steps')!r}")
+    c = d.get("clip_norm")
+    if not _is_real(c) or not math.isfinite(c) or c <= 0:
+        bad.append(f"clip_norm must be a finite number > 0, got {c!r}")
+    if not isinstance(d.get("amplification"), bool):
+        bad.append(f"amplification must be a bool, got {d.get('amplification')!r}")
+    elif d["amplification"] and d.get("sampling") != "poisson":
+        # the accountants analyse Poisson subsampling only; claiming its
+        # amplification for another sampler is a claim the training does not earn
+        bad.append(f"amplification=True requires sampling='poisson', got sampling={d.get('sampling')!r}")
+    if not isinstance(d.get("details"), dict):
+        bad.append(f"details must be a dict, got {type(d.get('details')).__name__}")
+    ts = d.get("timestamp")
+    if not _is_real(ts) or not math.isfinite(ts):
+        bad.append(f"timestamp must be a finite number, got {ts!r}")
+    for name in _CHAIN_FIELDS:
+        if name in d and not isinstance(d[name], str):
+            bad.append(f"{name} must be a string")
+    return bad
+
+
+class PrivacyLedger:
+    """Append-only JSON Lines ledger of mechanisms at one level ("record" or "user")."""
+
+    def __init__(self, path: Path | str, level: str):
+        if level not in LEVELS:
+            raise LedgerError(f"level must be one of {LEVELS}, got {level!r}")
+        self.path = Path(path)
+        self.level = level
+        self.entries: list[LedgerEntry] = []
+        self._size = 0  # bytes of the file as loaded / last written by us
+        self._load()
+
+    # ------------------------------------------------------------------ loading
+
+    def _fail(self, lineno: int | None, msg: str) -> LedgerError:
+        where = f"{self.path}, line {lineno}" if lineno is not None else f"{self.path}"
+        return LedgerError(f"{where}: {msg}")
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        self._size = len(data)
+        if not data:
+            return
+        lines = data.split(b"\n")
+        if lines[-1] != b"":
+            raise self._fail(len(lines), "incomplete last line (no trailing newline): truncated write or appended data")
+        prev = ""
+        for lineno, raw in enumerate(lines[:-1], start=1):
+            entry = self._verify_line(lineno, raw, prev)
+            self.entries.append(entry)
+            prev = entry.hash
+
+    def _verify_line(self, lineno: int, raw: bytes, prev_hash: str) -> LedgerEntry:
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._fail(lineno, f"not valid JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise self._fail(lineno, "not a JSON object")
+        keys = set(d)
+        if keys != set(FIELDS):
+            missing = sorted(set(FIELDS) - keys)
+            extra = sorted(keys - set(FIELDS))
+            raise self._fail(lineno, f"wrong fields (missing {missing}, unexpected {extra})")
+        bad = _validate(d)
+        if bad:
+            raise self._fail(lineno, "invalid entry: " + "; ".join(bad))
+        if d["level"] != self.level:
+            raise self._fail(lineno, f"entry has level {d['level']!r} but this ledger is level {self.level!r}")
+        if d["prev_hash"] != prev_hash:
+            raise self._fail(
+                lineno,
+                f"broken hash chain: prev_hash {d['prev_hash']!r} does not match the previous entry's hash "
+                f"{prev_hash!r} (line deleted, reordered or inserted)",
+            )
+        if entry_hash(d) != d["hash"]:
+            raise self._fail(lineno, f"hash mismatch: entry content was modified (stored {d['hash']!r})")
+        if raw.decode("utf-8") != canonical_json(d):
+            raise self._fail(lineno, "line is not in canonical JSON form (file edited)")
+        if self.entries and d["neighbouring"] != self.entries[0].neighbouring:
+            raise self._fail(lineno, f"neighbouring {d['neighbouring']!r} differs from the ledger's "
+                                     f"{self.entries[0].neighbouring!r}")
+        return LedgerEntry(**d)
+
+    # ---------------------------------------------------------------- appending
+
+    def append(self, **fields: Any) -> LedgerEntry:
+        """Validate, chain and durably append one entry; returns it."""
+        unknown = sorted(set(fields) - set(_USER_FIELDS))
+        if unknown:
+            raise LedgerError(f"{self.path}: unknown or computed fields {unknown} (prev_hash/hash are computed)")
+        missing = [f for f in _REQUIRED_USER_FIELDS if f not in fields]
+        if missing:
+            raise LedgerError(f"{self.path}: missing fields {missing}")
+        d: dict[str, Any] = dict(fields)
+        d.setdefault("level", self.level)
+        d.setdefault("details", {})
+        d.setdefault("timestamp", time.time())
+        bad = _validate(d)
+        if bad:
+            raise LedgerError(f"{self.path}: invalid entry: " + "; ".join(bad))
+        if d["level"] != self.level:
+            raise LedgerError(f"{self.path}: entry level {d['level']!r} but this ledger is level {self.level!r}")
+        if self.entries:
+            last = self.entries[-1]
+            if d["round"] < last.round:
+                raise LedgerError(f"{self.path}: round {d['round']} is before the last recorded round {last.round}")
+            if d["neighbouring"] != self.entries[0].neighbouring:
+                raise LedgerError(
+                    f"{self.path}: neighbouring {d['neighbouring']!r} differs from the ledger's "
+                    f"{self.entries[0].neighbouring!r}; never mix units in one ledger"
+                )
+        # normalise types so that the in-memory entry equals the reloaded one
+        d["round"] = int(d["round"])
+        d["steps"] = int(d["steps"])
+        for name in ("noise_multiplier", "sample_rate", "clip_norm", "timestamp"):
+            d[name] = float(d[name])
+        try:
+            d["details"] = json.loads(canonical_json(d["details"]))
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"{self.path}: details are not JSON-serialisable: {exc}") from None
+        d["prev_hash"] = self.entries[-1].hash if self.entries else ""
+        d["hash"] = entry_hash(d)
+        line = (canonical_json(d) + "\n").encode("utf-8")
+
+        created = not self.path.exists()
+        if created:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size != self._size:
+                raise LedgerError(
+                    f"{self.path}: file changed since it was loaded ({self._size} -> {size} bytes); "
+                    "reload before appending"
+                )
+            view = memoryview(line)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # also releases the lock
+        if created:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        self._size += len(line)
+        entry = LedgerEntry(**d)
+        self.entries.append(entry)
+        return entry
+
+    # --------------------------------------------------------------- accounting
+
+    def events(self) -> list[SampledGaussian]:
+        """Accounted mechanisms; entries without amplification count with sample_rate 1.0."""
+        return [e.event() for e in self.entries]
+
+    def epsilon(self, delta: float) -> EpsilonReport:
+        return epsilon_checked(self.events(), delta)
+
+    @property
+    def unit(self) -> str:
+        if self.entries:
+            return f"{self.level}-level DP, neighbouring: {self.entries[0].neighbouring}"
+        return f"{self.level}-level DP"
+
+    def check_budget(self, new_event: SampledGaussian, delta: float, budget: float) -> float:
+        """Epsilon (PLD) after `new_event`; raises BudgetExceeded if it would exceed `budget`.
+
+        `new_event` is accounted as given: pass sample_rate=1.0 unless the step will
+        claim Poisson amplification (as ``LedgerEntry.event()`` does).
+        """
+        eps = epsilon_after(self.events(), new_event, delta)
+        if eps > budget:
+            raise BudgetExceeded(budget=budget, epsilon=eps, delta=delta, unit=self.unit, path=self.path)
+        return eps
+
+    def rounds(self) -> list[int]:
+        """Distinct rounds with at least one entry, ascending."""
+        return sorted({e.round for e in self.entries})
+
+    def __len__(self) -> int:
+        return len(self.entries)
