@@ -168,7 +168,8 @@ def test_concurrent_writer_detected(path):
         ({"steps": 2.5}, "steps"),
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"level": "user"}, "level"),
-        ({"amplification": True, "sampling": "uniform-without-replacement"}, "poisson"),
+        ({"amplification": True, "sampling": "uniform-without-replacement"}, "Poisson"),
+        ({"amplification": True, "sampling": "poissonish"}, "Poisson"),
         ({"amplification": 1}, "amplification"),
         ({"details": {"x": object()}}, "JSON"),
         ({"details": {"x": math.inf}}, "JSON"),
@@ -180,6 +181,12 @@ def test_invalid_appends_rejected(path, over, msg):
     with pytest.raises(LedgerError, match=msg):
         led.append(**dp_sgd(0, **over))
     assert led.entries == [] and not path.exists()
+
+
+def test_poisson_variants_may_claim_amplification(path):
+    led = PrivacyLedger(path, "user")
+    e = led.append(**dp_sgd(1, sampling="poisson-csprng", neighbouring="add/remove one user"))
+    assert e.event().sample_rate == 0.02
 
 
 def test_missing_field_round_regression_and_mixed_units_rejected(path):

@@ -124,6 +124,10 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _is_poisson(sampling: Any) -> bool:
+    return isinstance(sampling, str) and (sampling == "poisson" or sampling.startswith("poisson-"))
+
+
 def _validate(d: dict[str, Any]) -> list[str]:
     """Problems with an entry's fields (empty list if valid)."""
     bad: list[str] = []
@@ -147,10 +151,13 @@ def _validate(d: dict[str, Any]) -> list[str]:
         bad.append(f"clip_norm must be a finite number > 0, got {c!r}")
     if not isinstance(d.get("amplification"), bool):
         bad.append(f"amplification must be a bool, got {d.get('amplification')!r}")
-    elif d["amplification"] and d.get("sampling") != "poisson":
+    elif d["amplification"] and not _is_poisson(d.get("sampling")):
         # the accountants analyse Poisson subsampling only; claiming its
         # amplification for another sampler is a claim the training does not earn
-        bad.append(f"amplification=True requires sampling='poisson', got sampling={d.get('sampling')!r}")
+        bad.append(
+            "amplification=True requires Poisson sampling (sampling='poisson' or 'poisson-<variant>', "
+            f"e.g. 'poisson-csprng'), got sampling={d.get('sampling')!r}"
+        )
     if not isinstance(d.get("details"), dict):
         bad.append(f"details must be a dict, got {type(d.get('details')).__name__}")
     ts = d.get("timestamp")
