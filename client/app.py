@@ -7,6 +7,7 @@ deployment (`data-dir` in the node config) the device reads its own directory.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from shared.features import load_cached
 
 app = ClientApp()
 torch.set_num_threads(1)  # simulated devices run side by side; one thread each was fastest here
+# Opacus's full-backward-hook notice fires on every step (our inputs need no gradient): noise in logs.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @functools.lru_cache(maxsize=2)

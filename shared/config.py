@@ -46,9 +46,9 @@ class RunConfig:
     private_learning_rate: float = 0.5  # learning rate of the private user vector
 
     # Federation (server)
-    num_rounds: int = 20
+    num_rounds: int = 15
     fraction_train: float = 1.0  # fraction of clients sampled per round
-    server_learning_rate: float = 1.0  # the server steps by this times the mean client update
+    server_learning_rate: float = 10.0  # steps by this times the mean update: each item row is updated by few of the clients averaged
     min_clients: int = 2
 
     # Privacy

@@ -43,7 +43,7 @@ def central(
     content: ItemContent,
     n_items: int,
     cfg: RunConfig,
-    epochs: int = 30,
+    epochs: int = 15,
     lr: float = 0.005,
     batch_size: int = 256,
 ) -> dict:
