@@ -20,7 +20,7 @@ from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.features import ItemContent
 from shared.metrics import user_metrics
-from shared.model import TwoTower, build_model, history_features, private_state, shared_state
+from shared.model import TwoTower, build_model, history_features, private_state, recent_contexts, shared_state
 from shared.privacy.accounting import SampledGaussian, epsilon
 from shared.updates import clip_update, update_norm
 
@@ -137,6 +137,7 @@ class Device:
     @torch.no_grad()
     def evaluate(self, model: TwoTower, history: torch.Tensor) -> dict[str, float]:
         model.eval()
-        scores = model.score_all(history.reshape(1, -1))[0].numpy()
+        recent = recent_contexts(self.split.train, self.cfg.recent_items)[-1:] if self.cfg.use_recent else None
+        scores = model.score_all(history.reshape(1, -1), recent=recent)[0].numpy()
         s = self.split
         return user_metrics(scores, s.train, s.val, s.test, s.val_negatives, s.test_negatives)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.config import RunConfig
-from shared.model import TwoTower, is_private
+from shared.model import TwoTower, is_private, recent_contexts
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,14 @@ def example_logits(
     cfg: RunConfig,
     generator: torch.Generator,
     users: torch.Tensor | None = None,
+    recent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, 1 + K) with the positive in column 0; negatives and ID dropout drawn per example.
-    `history` is (B, H) or (1, H) for one user; `users` indexes private vectors in central training."""
+    `history` is (B, H) or (1, H) for one user; `users` indexes private vectors in central training;
+    `recent` (B, k) holds the items before each target (only where `cfg.use_recent`)."""
     candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
     keep = torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
-    return model(history.expand(targets.shape[0], -1), candidates, keep, users)
+    return model(history.expand(targets.shape[0], -1), candidates, keep, users, recent)
 
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -81,7 +83,10 @@ def train_local(
     n = int(targets.shape[0])
     generator = torch.Generator().manual_seed(seed)
     history = history.reshape(1, -1).float()
-    loader = DataLoader(TensorDataset(targets), batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    tensors = [targets]
+    if cfg.use_recent:  # never under record-level DP (see shared.model.TwoTower.forward)
+        tensors.append(recent_contexts(train_items, cfg.recent_items)[:-1])
+    loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True, generator=generator)
     model.train()
     optimizer = _optimizer(model, cfg)
     criterion: nn.Module = nn.CrossEntropyLoss()
@@ -116,7 +121,7 @@ def train_local(
             )
     steps, total, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
-        for (batch,) in loader:
+        for batch, *context in loader:
             optimizer.zero_grad(set_to_none=True)
             if batch.numel() == 0:
                 # An empty Poisson batch still takes a (noise-only) step, as the accountant assumes.
@@ -124,7 +129,7 @@ def train_local(
                     _noise_only_step(optimizer)
                 steps += 1
                 continue
-            logits = example_logits(model, history, batch, n_items, cfg, generator)
+            logits = example_logits(model, history, batch, n_items, cfg, generator, None, *context)
             loss = criterion(logits, torch.zeros(batch.shape[0], dtype=torch.long))
             loss.backward()
             optimizer.step()

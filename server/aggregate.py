@@ -73,3 +73,27 @@ def aggregate(
         denominator = accepted
     delta = {k: (v / denominator).to(reference[k].dtype) for k, v in total.items()}
     return Aggregate(delta, accepted, rejected)
+
+
+class ServerOptimizer:
+    """Applies the aggregated update to the global weights: plain steps (`sgd`: x += lr * delta) or
+    FedAdam (Reddi et al. 2021), whose per-coordinate scaling lets item rows that few clients touch move
+    as fast as shared layers every client touches. Both only post-process the aggregate."""
+
+    def __init__(self, kind: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        if kind not in ("sgd", "adam"):
+            raise ValueError(f"server-optimizer = {kind!r}: expected sgd or adam")
+        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def step(self, state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.kind == "sgd":
+            return {k: v + self.lr * delta[k] for k, v in state.items()}
+        out = {}
+        for k, value in state.items():
+            d = delta[k]
+            self.m[k] = self.beta1 * self.m.get(k, torch.zeros_like(d)) + (1 - self.beta1) * d
+            self.v[k] = self.beta2 * self.v.get(k, torch.zeros_like(d)) + (1 - self.beta2) * d * d
+            out[k] = value + self.lr * self.m[k] / (self.v[k].sqrt() + self.tau)
+        return out

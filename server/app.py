@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.aggregate import aggregate, sample_clients
+from server.aggregate import ServerOptimizer, aggregate, sample_clients
 from server.records import RunRecorder
 from shared.config import RunConfig, from_flat
 from shared.features import catalogue_shapes, placeholder_content
@@ -56,6 +56,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
     recorder = RunRecorder(out)
     global_state = initial_model(cfg, dataset_dir)
     ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user") if cfg.user_dp else None
+    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate)
     nodes = wait_for_nodes(grid, cfg.min_clients)
     log(INFO, "avrec: %d clients, %d rounds, dp=%s", len(nodes), cfg.num_rounds, cfg.dp)
     for server_round in range(1, cfg.num_rounds + 1):
@@ -97,7 +98,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected,
         )
         if result.delta is not None:
-            global_state = {k: v + cfg.server_learning_rate * result.delta[k] for k, v in global_state.items()}
+            global_state = optimizer.step(global_state, result.delta)
         if ledger is not None and user_event is not None:
             ledger.append(
                 level="user", round=server_round, mechanism="dp-fedavg",

@@ -35,6 +35,8 @@ class RunConfig:
     modalities: str = "text"  # comma-separated content modalities of the item tower
     id_embeddings: bool = True  # learned item-ID embedding for items seen in training
     id_dropout: float = 0.2  # chance per example to drop ID embeddings, so content alone learns to rank
+    recent_items: int = 5  # the user vector adds the mean vector of this many latest items (0 = off);
+    # never under record-level DP, where it would couple a user's examples
     private_user_vector: bool = True  # per-user vector kept on the device, never sent
     logit_scale: float = 10.0  # cosine similarity times this is the score
 
@@ -48,6 +50,7 @@ class RunConfig:
     # Federation (server)
     num_rounds: int = 15
     fraction_train: float = 1.0  # fraction of clients sampled per round
+    server_optimizer: str = "sgd"  # sgd (x += lr * mean update) or adam (FedAdam)
     server_learning_rate: float = 10.0  # steps by this times the mean update: each item row is updated by few of the clients averaged
     min_clients: int = 2
 
@@ -71,6 +74,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
+        if self.server_optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.grad_sample_mode not in ("ghost", "hooks"):
             raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
         for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds"):
@@ -104,6 +109,10 @@ class RunConfig:
     @property
     def user_dp(self) -> bool:
         return self.dp in ("user", "both")
+
+    @property
+    def use_recent(self) -> bool:
+        return self.recent_items > 0 and not self.record_dp
 
     @property
     def modality_list(self) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -88,10 +89,15 @@ class UserTower(nn.Module):
         if self.user_vector is not None:
             nn.init.normal_(self.user_vector.weight, std=0.1)
 
-    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, history: torch.Tensor, users: torch.Tensor | None = None, recent: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`history` (B, history_dim): each example's copy of its user's history summary; `users` (B,)
-        indexes the private vectors (all 0 on a device)."""
+        indexes the private vectors (all 0 on a device); `recent` (B, dim): the mean item vector of the
+        user's most recent items, where the privacy mode allows it (see `TwoTower.forward`)."""
         user = self.history(history)
+        if recent is not None:
+            user = user + recent
         if self.user_vector is not None:
             if users is None:
                 users = torch.zeros(history.shape[0], dtype=torch.long, device=history.device)
@@ -122,20 +128,35 @@ class TwoTower(nn.Module):
         candidates: torch.Tensor,
         id_keep: torch.Tensor | None = None,
         users: torch.Tensor | None = None,
+        recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores (B, C) of candidate items (B, C) for users given by history summaries (B, H).
-        `id_keep` (B,) bool drops the ID embeddings of an example's candidates where False."""
-        user = self.users(history, users)
+        `id_keep` (B,) bool drops the ID embeddings of an example's candidates where False.
+        `recent` (B, K) item indices (-1 = padding) of the items just before each example: their item
+        vectors join the user vector. It couples examples of the same user, so record-level DP-SGD never
+        passes it (its sensitivity would not be the clip norm); without DP or under user-level DP it may."""
+        user = self.users(history, users, self.recent_vector(recent))
         keep = None if id_keep is None else id_keep.unsqueeze(-1).expand_as(candidates)
         item = self.items(candidates, keep)
         return self.logit_scale * torch.einsum("bd,bcd->bc", user, item)
 
+    def recent_vector(self, recent: torch.Tensor | None) -> torch.Tensor | None:
+        if recent is None:
+            return None
+        valid = (recent >= 0).unsqueeze(-1).float()
+        vectors = self.items(recent.clamp(min=0)) * valid
+        return vectors.sum(1) / valid.sum(1).clamp(min=1.0)
+
     @torch.no_grad()
     def score_all(
-        self, history: torch.Tensor, use_ids: bool = True, users: torch.Tensor | None = None
+        self,
+        history: torch.Tensor,
+        use_ids: bool = True,
+        users: torch.Tensor | None = None,
+        recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores (B, n_items) of every item for each history summary (B, H)."""
-        user = self.users(history, users)
+        user = self.users(history, users, self.recent_vector(recent))
         all_items = torch.arange(self.items.n_items)
         keep = None if use_ids else torch.zeros_like(all_items, dtype=torch.bool)
         return self.logit_scale * user @ self.items(all_items, keep).T
@@ -152,6 +173,14 @@ def build_model(content, n_catalogue: int, cfg) -> TwoTower:
         private_vector=cfg.private_user_vector,
         logit_scale=cfg.logit_scale,
     )
+
+
+def recent_contexts(sequence: np.ndarray, k: int) -> torch.Tensor:
+    """(len(sequence) + 1, k): row i holds the k items before position i (left-padded with -1); the last
+    row, the k most recent items, is the context for ranking what comes next."""
+    padded = np.concatenate([np.full(k, -1, dtype=np.int64), np.asarray(sequence, dtype=np.int64)])
+    rows = [padded[i : i + k] for i in range(len(sequence) + 1)]
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
 
 
 def history_dim(content: Mapping[str, torch.Tensor]) -> int:

@@ -18,7 +18,7 @@ from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.features import ItemContent
 from shared.metrics import mean_metrics, table, user_metrics
-from shared.model import build_model, history_features
+from shared.model import build_model, history_features, recent_contexts
 from server.records import SELECT_BY
 
 
@@ -61,6 +61,10 @@ def central(
     histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
     user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
     targets = torch.cat([torch.as_tensor(u.train, dtype=torch.long) for u in users])
+    k = cfg.recent_items  # no DP here, so the recent-items path is on whenever configured
+    contexts = [recent_contexts(u.train, k) for u in users] if k else None
+    train_recent = torch.cat([c[:-1] for c in contexts]) if k else None
+    eval_recent = torch.cat([c[-1:] for c in contexts]) if k else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = torch.nn.CrossEntropyLoss()
     all_users = torch.arange(len(users))
@@ -72,13 +76,16 @@ def central(
             idx = order[start : start + batch_size]
             b_users = user_idx[idx]
             users_in = b_users if cfg.private_user_vector else None
-            logits = example_logits(model, histories[b_users], targets[idx], n_items, cfg, generator, users_in)
+            recent = train_recent[idx] if k else None
+            logits = example_logits(model, histories[b_users], targets[idx], n_items, cfg, generator, users_in, recent)
             loss = criterion(logits, torch.zeros(len(idx), dtype=torch.long))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         model.eval()
-        scores = model.score_all(histories, users=all_users if cfg.private_user_vector else None).numpy()
+        scores = model.score_all(
+            histories, users=all_users if cfg.private_user_vector else None, recent=eval_recent
+        ).numpy()
         metrics = evaluate_scores(scores, users)
         history_rows.append({"epoch": epoch, SELECT_BY: metrics[SELECT_BY]})
         if best is None or metrics[SELECT_BY] > best[1][SELECT_BY]:

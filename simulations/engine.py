@@ -171,6 +171,10 @@ def run_app(
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        # A plain SIGTERM would end Python without running `finally`: turn it into an exit that does.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         _wait_for_port(http_port, superlink, log_path)
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
@@ -183,6 +187,8 @@ def run_app(
             raise EngineError(f"`flwr run` exited with {result.returncode}; SuperLink log: {log_path}")
     finally:
         stop_group(superlink)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:

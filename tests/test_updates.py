@@ -55,3 +55,14 @@ def test_sampling_everyone_is_not_random_and_poisson_is():
     assert everyone == nodes and not random_sample
     sample, random_sample = sample_clients(nodes, 0.1)
     assert random_sample and 50 < len(sample) < 150
+
+
+def test_server_optimizers():
+    from server.aggregate import ServerOptimizer
+
+    state = {"w": torch.zeros(2)}
+    delta = {"w": torch.tensor([1.0, -0.001])}
+    assert torch.equal(ServerOptimizer("sgd", 10.0).step(state, delta)["w"], torch.tensor([10.0, -0.01]))
+    # FedAdam's first step moves every coordinate by about lr in the update's direction, however small.
+    moved = ServerOptimizer("adam", 0.1, tau=1e-6).step(state, delta)["w"]
+    assert torch.allclose(moved, torch.tensor([0.1, -0.1]), atol=1e-4)
