@@ -64,5 +64,5 @@ def test_server_optimizers():
     delta = {"w": torch.tensor([1.0, -0.001])}
     assert torch.allclose(ServerOptimizer("sgd", 10.0).step(state, delta)["w"], torch.tensor([10.0, -0.01]))
     # FedAdam's first step moves every coordinate by about lr in the update's direction, however small.
-    moved = ServerOptimizer("adam", 0.1, tau=1e-6).step(state, delta)["w"]
+    moved = ServerOptimizer("adam", 0.1, tau=1e-9).step(state, delta)["w"]
     assert torch.allclose(moved, torch.tensor([0.1, -0.1]), atol=1e-4)
