@@ -22,7 +22,7 @@ from shared.features import ItemContent
 from shared.metrics import user_metrics
 from shared.model import TwoTower, build_model, history_features, private_state, recent_contexts, shared_state
 from shared.privacy.accounting import SampledGaussian, epsilon
-from shared.updates import clip_update, update_norm
+from shared.updates import clip_update
 
 NEIGHBOURING = "add or remove one interaction of this user"
 
@@ -124,13 +124,15 @@ class Device:
             {"history-key": key, "history-sigma": repr(self.history_sigma)},
         )
 
+        delta = {k: v - before[k] for k, v in shared_state(model).items()}
+        # The device serves the global weights it received with its freshly trained private vector: the
+        # shared weights it trained locally carry this round's DP noise, which only averaging removes.
+        model.load_state_dict(before, strict=False)
         metrics = self.evaluate(model, history)
         metrics["train-loss"] = result.loss
         metrics["declined"] = 0.0
-        delta = {k: v - before[k] for k, v in shared_state(model).items()}
         if cfg.user_dp:
             # Clipped on the device, so the same update works under secure aggregation.
-            metrics["update-clipped"] = float(update_norm(delta) > cfg.user_clip_norm)
             delta = clip_update(delta, cfg.user_clip_norm)
         return Reply(delta, metrics)
 
