@@ -33,7 +33,10 @@ class RunConfig:
     # Model
     embedding_dim: int = 64
     modalities: str = "text"  # comma-separated content modalities of the item tower
-    id_embeddings: bool = True  # learned item-ID embedding for items seen in training
+    # Learned item-ID embeddings for catalogue items: true, false, or auto = on except under record-level
+    # DP, where DP-SGD's noise on the whole (items x dim) table swamped their signal (measured, see README)
+    id_embeddings: str = "auto"
+    item_bias: bool = True  # a learned score offset per catalogue item
     id_dropout: float = 0.2  # chance per example to drop ID embeddings, so content alone learns to rank
     recent_items: int = 5  # the user vector adds the mean vector of this many latest items (0 = off);
     # never under record-level DP, where it would couple a user's examples
@@ -48,7 +51,7 @@ class RunConfig:
     private_learning_rate: float = 0.5  # learning rate of the private user vector
 
     # Federation (server)
-    num_rounds: int = 15
+    num_rounds: int = 20
     fraction_train: float = 1.0  # fraction of clients sampled per round
     server_optimizer: str = "sgd"  # sgd (x += lr * mean update) or adam (FedAdam)
     server_learning_rate: float = 10.0  # steps by this times the mean update: each item row is updated by few of the clients averaged
@@ -74,6 +77,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
+        if self.id_embeddings not in ("auto", "true", "false"):
+            raise ConfigError(f"id-embeddings = {self.id_embeddings!r}: expected auto, true or false")
         if self.server_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.grad_sample_mode not in ("ghost", "hooks"):
@@ -109,6 +114,10 @@ class RunConfig:
     @property
     def user_dp(self) -> bool:
         return self.dp in ("user", "both")
+
+    @property
+    def use_id_embeddings(self) -> bool:
+        return self.id_embeddings == "true" or (self.id_embeddings == "auto" and not self.record_dp)
 
     @property
     def use_recent(self) -> bool:
@@ -148,6 +157,8 @@ def from_flat(values: Mapping[str, Any], base: RunConfig | None = None) -> RunCo
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is str and isinstance(value, bool):
+        return "true" if value else "false"  # `id-embeddings = true` in TOML
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if isinstance(value, str):

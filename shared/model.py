@@ -7,7 +7,7 @@ Items outside the catalogue, or with their ID dropped, are represented by conten
 
 User tower: a summary of the user's history in content space (released with Gaussian noise under
 record-level DP, see `client.history`) through a trainable projection, plus an optional private
-per-user vector -> L2-normalised user vector. Score = logit_scale * cosine(user, item).
+per-user vector -> L2-normalised user vector. Score = logit_scale * cosine(user, item) + a learned per-item offset (catalogue items only).
 
 Every trainable parameter sits in an `nn.Linear` or `nn.Embedding`, the layers for which Opacus computes
 exact per-sample gradients and norms (ghost clipping); single vectors (modality weights, the private
@@ -34,6 +34,7 @@ class ItemTower(nn.Module):
         n_catalogue: int,
         dim: int,
         id_embeddings: bool = True,
+        item_bias: bool = True,
     ) -> None:
         """`content[m]` is (n_items, d_m); `content_mask` (n_items, n_modalities) marks present ones.
 
@@ -53,6 +54,11 @@ class ItemTower(nn.Module):
         self.ids = nn.Embedding(n_catalogue, dim) if id_embeddings else None
         if self.ids is not None:
             nn.init.normal_(self.ids.weight, std=0.1)
+        # A learned score offset per catalogue item: popularity in one number per item, which cosine
+        # scores cannot express and which averages well across many noisy DP updates.
+        self.bias = nn.Embedding(n_catalogue, 1) if item_bias else None
+        if self.bias is not None:
+            nn.init.zeros_(self.bias.weight)
 
     @property
     def n_items(self) -> int:
@@ -78,6 +84,15 @@ class ItemTower(nn.Module):
             ids = self.ids(items.clamp(max=self.n_catalogue - 1))
             fused = fused + ids * known.unsqueeze(-1).to(ids.dtype)
         return F.normalize(fused, dim=-1)
+
+    def offset(self, items: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-item score offsets (...), zero for items without an ID (new, or ID dropped)."""
+        if self.bias is None:
+            return torch.zeros(items.shape, device=items.device)
+        known = items < self.n_catalogue
+        if id_keep is not None:
+            known = known & id_keep
+        return self.bias(items.clamp(max=self.n_catalogue - 1)).squeeze(-1) * known.to(torch.float32)
 
 
 class UserTower(nn.Module):
@@ -116,9 +131,10 @@ class TwoTower(nn.Module):
         private_vector: bool = True,
         logit_scale: float = 10.0,
         n_users: int = 1,
+        item_bias: bool = True,
     ) -> None:
         super().__init__()
-        self.items = ItemTower(content, content_mask, n_catalogue, dim, id_embeddings)
+        self.items = ItemTower(content, content_mask, n_catalogue, dim, id_embeddings, item_bias)
         self.users = UserTower(history_dim(content), dim, private_vector, n_users)
         self.logit_scale = logit_scale
 
@@ -138,7 +154,7 @@ class TwoTower(nn.Module):
         user = self.users(history, users, self.recent_vector(recent))
         keep = None if id_keep is None else id_keep.unsqueeze(-1).expand_as(candidates)
         item = self.items(candidates, keep)
-        return self.logit_scale * torch.einsum("bd,bcd->bc", user, item)
+        return self.logit_scale * torch.einsum("bd,bcd->bc", user, item) + self.items.offset(candidates, keep)
 
     def recent_vector(self, recent: torch.Tensor | None) -> torch.Tensor | None:
         if recent is None:
@@ -159,7 +175,7 @@ class TwoTower(nn.Module):
         user = self.users(history, users, self.recent_vector(recent))
         all_items = torch.arange(self.items.n_items)
         keep = None if use_ids else torch.zeros_like(all_items, dtype=torch.bool)
-        return self.logit_scale * user @ self.items(all_items, keep).T
+        return self.logit_scale * user @ self.items(all_items, keep).T + self.items.offset(all_items, keep)
 
 
 def build_model(content, n_catalogue: int, cfg) -> TwoTower:
@@ -169,9 +185,10 @@ def build_model(content, n_catalogue: int, cfg) -> TwoTower:
         content.mask,
         n_catalogue,
         cfg.embedding_dim,
-        id_embeddings=cfg.id_embeddings,
+        id_embeddings=cfg.use_id_embeddings,
         private_vector=cfg.private_user_vector,
         logit_scale=cfg.logit_scale,
+        item_bias=cfg.item_bias,
     )
 
 

@@ -61,7 +61,7 @@ def central(
     histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
     user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
     targets = torch.cat([torch.as_tensor(u.train, dtype=torch.long) for u in users])
-    k = cfg.recent_items  # no DP here, so the recent-items path is on whenever configured
+    k = cfg.recent_items if cfg.use_recent else 0
     contexts = [recent_contexts(u.train, k) for u in users] if k else None
     train_recent = torch.cat([c[:-1] for c in contexts]) if k else None
     eval_recent = torch.cat([c[-1:] for c in contexts]) if k else None

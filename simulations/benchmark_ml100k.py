@@ -20,18 +20,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="rounds per federated run (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark-ml100k"))
-    parser.add_argument("--modes", default="record,none", help="dp modes to run, comma-separated")
+    parser.add_argument(
+        "--configs", default="configs/default.toml,configs/no-dp.toml", help="run configs, comma-separated"
+    )
     args = parser.parse_args()
     rows, runs = [], {}
-    for mode in args.modes.split(","):
-        overrides = {"dp": mode, "out": str((args.out / f"dp-{mode}").resolve())}
+    for i, path in enumerate(args.configs.split(",")):
+        name = Path(path).stem
+        overrides = {"out": str((args.out / name).resolve())}
         if args.rounds:
             overrides["num-rounds"] = args.rounds
-        summary = simulate(load_config(overrides=overrides))
+        summary = simulate(load_config(path, overrides))
+        mode = summary["config"]["dp"]
         runs[mode] = summary
         for name, table in summary["systems"].items():
-            if name != "avrec (federated)" and mode != args.modes.split(",")[0]:
-                continue  # baselines do not depend on the DP mode: list them once
+            if name != "avrec (federated)" and i > 0:
+                continue  # baselines do not depend on the run's DP settings: list them once
             label = f"avrec federated, dp={mode}" if name == "avrec (federated)" else name
             rows.append((label, table))
     cols = [(p, m) for p in PROTOCOLS for m in METRICS[p]]

@@ -98,7 +98,8 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
         systems = {
             "avrec (federated)": federated,
             "popularity": baselines.popularity(users, dataset.n_items),
-            "central, no DP": baselines.central(users, content, dataset.n_items, cfg),
+            # The towers as they are without DP (ID embeddings and recent items on where configured).
+            "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none")),
         }
     privacy: dict[str, Any] = {"dp": cfg.dp}
     if cfg.record_dp:

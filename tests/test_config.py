@@ -22,6 +22,8 @@ def test_config_files_parse():
 def test_strings_are_coerced_and_bad_values_named():
     cfg = from_flat({"num-rounds": "5", "dp": "both", "private-user-vector": "false", "delta": "1e-6"})
     assert (cfg.num_rounds, cfg.dp, cfg.private_user_vector, cfg.delta) == (5, "both", False, 1e-6)
+    assert from_flat({"id-embeddings": True}).use_id_embeddings
+    assert not RunConfig(dp="record").use_id_embeddings and RunConfig(dp="none").use_id_embeddings
     with pytest.raises(ConfigError, match="num-round"):
         from_flat({"num-round": 3})
     with pytest.raises(ConfigError, match="dp = 'sometimes'"):

@@ -46,7 +46,7 @@ def test_run_directory_holds_every_output(run):
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert all(r["clients_aggregated"] == 24 for r in rounds)
     weights = load_file(out / "global_model.safetensors")
-    assert "items.ids.weight" in weights and not any("user_vector" in k for k in weights)
+    assert "items.bias.weight" in weights and not any("user_vector" in k for k in weights)
     record = on_disk["privacy"]["record_level"]
     assert record["clients"] == 24 and 0 < record["median"] <= record["max"] < float("inf")
     assert on_disk["peak_memory_bytes"] > 0 and on_disk["versions"]["flwr"] == "1.41.0"
