@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.paths import default_cache_dir, default_data_root
+
 from .dataset import DatasetError
 
 __all__ = [
@@ -87,22 +89,6 @@ def _verify(directory: Path, likely_cause: str) -> dict[str, str]:
             )
         sums[name] = actual
     return sums
-
-
-def default_data_root() -> Path | None:
-    """Data root: env ``AVREC_DATA_DIR`` if set, else ``<repo>/../shared/data`` if it exists, else None."""
-    env = os.environ.get("AVREC_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[2]
-    candidate = repo_root.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
-
-
-def default_cache_dir() -> Path:
-    """Cache directory: env ``AVREC_CACHE_DIR`` if set, else ``~/.cache/avrec``."""
-    env = os.environ.get("AVREC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "avrec"
 
 
 def _download(url: str, dest_dir: Path, timeout: float) -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.config import ConfigError, RunConfig
-from shared.data.movielens import default_data_root, movielens_100k
+from shared.data.movielens import movielens_100k
+from shared.paths import default_data_root
 
 BUILTIN = "movielens-100k"
 

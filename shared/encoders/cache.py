@@ -15,9 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AVREC_CACHE_DIR") or Path.home() / ".cache" / "avrec")
+from shared.paths import default_cache_dir
 
 
 def content_key(encoder_id: str, content: bytes) -> str:
