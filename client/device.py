@@ -92,7 +92,7 @@ class Device:
             new_events.append(SampledGaussian(cfg.noise_multiplier, rate, steps))
             # RDP is an upper bound on the tight epsilon and fast: a device may stop a round early,
             # never late. The reported epsilon is the tight (PLD) value.
-            after = epsilon(self.state.ledger.events() + new_events, cfg.delta, accountant="rdp")
+            after = epsilon(self.state.ledger.events() + new_events, cfg.delta, accountant="rdp-fast")
             if after > cfg.epsilon_budget:
                 return Reply(
                     None,

@@ -68,7 +68,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         if ledger is not None:
             # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
             user_event = SampledGaussian(cfg.user_noise_multiplier, cfg.fraction_train if random_sample else 1.0, 1)
-            after = epsilon(ledger.events() + [user_event], cfg.user_delta, accountant="rdp")
+            after = epsilon(ledger.events() + [user_event], cfg.user_delta, accountant="rdp-fast")
             if after > cfg.user_epsilon_budget:
                 log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f "
                     "(RDP bound, delta %g) over the budget %g", server_round, after, cfg.user_delta,
