@@ -94,9 +94,13 @@ class Device:
             # never late. The reported epsilon is the tight (PLD) value.
             after = epsilon(self.state.ledger.events() + new_events, cfg.delta, accountant="rdp-fast")
             if after > cfg.epsilon_budget:
+                # It still reports how the model it serves ranks its held-out items (as every device
+                # does; outside the guarantee), so round metrics cover every sampled device. Only a
+                # history released before may be used: a new release would cost budget.
+                metrics = self.evaluate(model, history) if history_event is None else {}
                 return Reply(
                     None,
-                    {"declined": 1.0},
+                    {**metrics, "declined": 1.0},
                     f"user {self.user_id}: round {server_round} would raise record-level epsilon to "
                     f"{after:.3f} (RDP bound, delta {cfg.delta}) over the budget {cfg.epsilon_budget}",
                 )

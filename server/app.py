@@ -86,10 +86,10 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 failed.append(f"{source}: {reply.error.reason}")
                 continue
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            metric_rows.append(metrics)
             if metrics.get("declined"):
                 declined.append(f"{source}: {reply.content['config'].get('reason', '')}" if "config" in reply.content else source)
                 continue
-            metric_rows.append(metrics)
             updates.append((source, reply.content["arrays"].to_torch_state_dict()))
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 

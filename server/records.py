@@ -39,7 +39,7 @@ class RunRecorder:
         (out / "rounds.jsonl").write_text("")
 
     def round(self, server_round: int, metric_rows: list[dict[str, float]], seconds: float, **facts: Any) -> None:
-        quality = mean_metrics({k: v for k, v in r.items() if "/" in k} for r in metric_rows)
+        quality = mean_metrics({k: v for k, v in r.items() if "/" in k} for r in metric_rows if SELECT_BY in r)
         losses = [r["train-loss"] for r in metric_rows if "train-loss" in r]
         row = {
             "round": server_round,

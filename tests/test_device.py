@@ -64,3 +64,14 @@ def test_user_level_dp_clips_the_update_on_the_device(world):
     reply = device.train_round(global_state, 1)
     assert update_norm(reply.delta) <= 0.01 * (1 + 1e-5)
     assert device.state.ledger.entries == []  # no record-level mechanism ran
+
+
+def test_a_declining_device_still_reports_its_metrics_once_its_history_is_released(world):
+    device, global_state = make(world, "e")
+    device.train_round(global_state, 1)
+    spent = device.state.ledger.epsilon(1e-5).epsilon
+    tight, _ = make(world, "e", epsilon_budget=spent + 0.01)
+    reply = tight.train_round(global_state, 2)
+    assert reply.delta is None and reply.metrics["declined"] == 1.0
+    assert "sampled-99/test/hr@10" in reply.metrics
+    assert len(tight.state.ledger.entries) == 2  # nothing charged for the declined round
