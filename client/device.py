@@ -10,7 +10,6 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from client.history import history_key, release_history

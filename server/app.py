@@ -3,7 +3,6 @@ privacy ledger, records every round and checkpoints the global model."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from logging import INFO, WARNING

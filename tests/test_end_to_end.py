@@ -4,7 +4,6 @@ and no process may outlive the run."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
