@@ -99,7 +99,7 @@ def train_local(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns that secure_mode is off: stated in the docs
             engine = PrivacyEngine(accountant="prv")
-            # Poisson sampling with rate batch_size / n: the sampling the accountant assumes.
+            # Poisson sampling at rate 1 / ceil(n / batch_size): the sampling the ledger records.
             made = engine.make_private(
                 module=model,
                 optimizer=optimizer,
