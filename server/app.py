@@ -3,7 +3,6 @@ privacy ledger, records every round and checkpoints the global model."""
 
 from __future__ import annotations
 
-import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -16,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.aggregate import ServerOptimizer, aggregate, sample_clients
 from server.records import RunRecorder
 from shared.config import RunConfig, from_flat
+from shared.data.resolve import resolve_dataset
 from shared.features import catalogue_shapes, placeholder_content
 from shared.model import build_model, shared_state
 from shared.privacy.accounting import SampledGaussian, epsilon
@@ -46,8 +46,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_flat(context.run_config)
-    dataset_dir = os.environ.get("AVREC_DATASET_DIR") or cfg.dataset
-    run(grid, cfg, dataset_dir)
+    run(grid, cfg, str(resolve_dataset(cfg)))
 
 
 def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
@@ -122,7 +121,5 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         for reason in (declined + result.rejected + failed)[:3]:
             log(WARNING, "avrec: round %d: %s", server_round, reason)
         log(INFO, "%s", recorder.progress_line())
-        if not updates and not declined and not replies:
-            log(WARNING, "avrec: round %d got no replies", server_round)
     recorder.finish(cfg)
     log(INFO, "avrec: results in %s", out / "federated.json")

@@ -178,8 +178,9 @@ class TwoTower(nn.Module):
         return self.logit_scale * user @ self.items(all_items, keep).T + self.items.offset(all_items, keep)
 
 
-def build_model(content, n_catalogue: int, cfg) -> TwoTower:
-    """The two towers for an `ItemContent` and a `RunConfig`, as devices, server and baselines build them."""
+def build_model(content, n_catalogue: int, cfg, n_users: int = 1) -> TwoTower:
+    """The two towers for an `ItemContent` and a `RunConfig`, as devices, server and baselines build them
+    (`n_users` private vectors: one on a device, one per user in central training)."""
     return TwoTower(
         content.features,
         content.mask,
@@ -189,6 +190,7 @@ def build_model(content, n_catalogue: int, cfg) -> TwoTower:
         private_vector=cfg.private_user_vector,
         logit_scale=cfg.logit_scale,
         item_bias=cfg.item_bias,
+        n_users=n_users,
     )
 
 

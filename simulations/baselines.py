@@ -51,12 +51,7 @@ def central(
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(content, n_items, cfg)
-    if cfg.private_user_vector:  # one private vector per user, in one table
-        from torch import nn
-
-        model.users.user_vector = nn.Embedding(len(users), cfg.embedding_dim)
-        nn.init.normal_(model.users.user_vector.weight, std=0.1)
+    model = build_model(content, n_items, cfg, n_users=len(users))  # every private vector in one table
     rows = history_features(content.features, content.mask)
     histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
     user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
@@ -68,7 +63,7 @@ def central(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = torch.nn.CrossEntropyLoss()
     all_users = torch.arange(len(users))
-    best, history_rows = None, []
+    best = None
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(targets), generator=generator)
@@ -87,7 +82,6 @@ def central(
             histories, users=all_users if cfg.private_user_vector else None, recent=eval_recent
         ).numpy()
         metrics = evaluate_scores(scores, users)
-        history_rows.append({"epoch": epoch, SELECT_BY: metrics[SELECT_BY]})
         if best is None or metrics[SELECT_BY] > best[1][SELECT_BY]:
             best = (epoch, metrics)
     epoch, metrics = best
