@@ -1,12 +1,22 @@
-"""The `avrec` command."""
+"""The `avrec` command.
+
+Each subcommand lives in its own module, which exposes `register(commands)`: it adds its parser to the
+subparsers and sets `func` (taking the parsed arguments, returning the exit status) as a default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from shared.config import ConfigError, load_config
+
+# One line per subcommand module.
+SUBCOMMANDS = [
+    "shared.cli",  # simulate
+]
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -19,33 +29,51 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="avrec", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config/--dataset/--out/--set, shared by every subcommand that takes a run configuration."""
+    parser.add_argument("--config", type=Path, help="TOML file of settings (see configs/)")
+    parser.add_argument("--dataset", help="'movielens-100k' or a directory in avrec's dataset format")
+    parser.add_argument("--out", type=Path, help="run directory for summary.json, rounds.jsonl, model, ledgers")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The RunConfig named by add_config_arguments' options; ConfigError on a bad setting."""
+    overrides = _overrides(args.set)
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    if args.out:
+        overrides["out"] = str(args.out)
+    return load_config(args.config, overrides)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import simulate
+
+    simulate(config_from_args(args))
+    return 0
+
+
+def register(commands) -> None:
     sim = commands.add_parser(
         "simulate",
         help="federated DP training on one machine through Flower's simulation engine",
         description="Without options: MovieLens-100K, every user a client, record-level DP.",
     )
-    sim.add_argument("--config", type=Path, help="TOML file of settings (see configs/)")
-    sim.add_argument("--dataset", help="'movielens-100k' or a directory in avrec's dataset format")
-    sim.add_argument("--out", type=Path, help="run directory for summary.json, rounds.jsonl, model, ledgers")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    add_config_arguments(sim)
+    sim.set_defaults(func=_simulate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="avrec", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).register(commands)
     args = parser.parse_args(argv)
     try:
-        overrides = _overrides(args.set)
-        if args.dataset:
-            overrides["dataset"] = args.dataset
-        if args.out:
-            overrides["out"] = str(args.out)
-        cfg = load_config(args.config, overrides)
+        return args.func(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    if args.command == "simulate":
-        from simulations.simulate import simulate
-
-        simulate(cfg)
-    return 0
 
 
 if __name__ == "__main__":
