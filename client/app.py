@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.device import Device
+from client.directory import DeviceDirectory
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
@@ -47,12 +48,17 @@ def simulated_device(cfg: RunConfig, partition_id: int) -> Device:
     return Device(user_id, user, content, dataset.n_items, cfg, Path(cfg.state_dir) / user_id)
 
 
-def device_for(context: Context, cfg: RunConfig) -> Device:
-    if "partition-id" in context.node_config:
-        return simulated_device(cfg, int(context.node_config["partition-id"]))
+def device_for(context: Context, cfg: RunConfig) -> Device | DeviceDirectory:
+    """Deployment: node config `data-dir` (and optional `state-dir`, `cache-dir`) names the device's own
+    files. Simulation: node config `partition-id` picks one user of the shared dataset."""
+    node = context.node_config
+    if "data-dir" in node:
+        return DeviceDirectory(str(node["data-dir"]), cfg, str(node.get("state-dir", "")), str(node.get("cache-dir", "")))
+    if "partition-id" in node:
+        return simulated_device(cfg, int(node["partition-id"]))
     raise ValueError(
-        "this node has no partition-id in its node config (simulation); deployment nodes are not "
-        "supported by this ClientApp yet"
+        f"node config {dict(node)} has neither data-dir (a deployed device: start flower-supernode with "
+        "--node-config 'data-dir=\"/path/to/device/data\"') nor partition-id (simulation)"
     )
 
 

@@ -1,0 +1,1 @@
+"""Deploying avrec on Flower's deployment engine: credentials, settings, per-device data and processes."""

@@ -1,0 +1,80 @@
+"""A secured federation of real processes on this machine: one SuperLink and a SuperNode per device,
+each a child in its own process group with its own FLWR_HOME and log. Used by tests and benchmark
+scripts; `stop()` stops every process it started, by process id, and waits for their ports to close."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from shared.deploy.commands import (
+    register_command,
+    run_command,
+    superlink_command,
+    supernode_command,
+    write_flwr_home,
+    write_run_config,
+)
+from shared.deploy.config import DeploySettings
+from shared.processes import flower_env, free_port, port_in_use, stop_group, wait_for_port
+
+
+class LocalFederation:
+    def __init__(self, settings: DeploySettings, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(write_flwr_home(settings))
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.ports: list[int] = []
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def _start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        with open(self.log(name), "wb") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def start_superlink(self) -> subprocess.Popen:
+        process = self._start("superlink", superlink_command(self.settings), self.env)
+        self.ports.append(self.settings.superlink.port)
+        wait_for_port(self.settings.superlink.port, process, self.log("superlink"), "flower-superlink")
+        return process
+
+    def register(self, public_key: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(register_command(self.settings, public_key), env=self.env, capture_output=True, text=True)
+
+    def start_supernode(self, name: str, command: list[str] | None = None, **kwargs) -> subprocess.Popen:
+        """A SuperNode (its own FLWR_HOME, a free Runtime API port); kwargs go to supernode_command."""
+        port = free_port()
+        self.ports.append(port)
+        command = command or supernode_command(self.settings, runtime_port=port, **kwargs)
+        home = self.workdir / f"{name}-flwr-home"
+        home.mkdir(exist_ok=True)
+        return self._start(name, command, flower_env(home))
+
+    def run(self, app_dir: Path, timeout: float) -> subprocess.CompletedProcess:
+        """`flwr run APP NAME --run-config FILE --stream`; its output goes to flwr-run.log."""
+        config = write_run_config(self.settings, self.workdir / "run-config.toml")
+        started = time.perf_counter()
+        with open(self.log("flwr-run"), "wb") as log:
+            result = subprocess.run(run_command(self.settings, app_dir, config), env=self.env, cwd=app_dir,
+                                    stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        self.run_seconds = time.perf_counter() - started
+        return result
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):  # SuperNodes first, then the SuperLink
+            stop_group(process)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(port_in_use(p) for p in self.ports):
+            time.sleep(0.5)
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
