@@ -27,9 +27,9 @@ class SuperLinkSettings:
     host: str  # where the SuperLink listens
     port: int  # its one HTTPS port (Fleet, Control and Runtime APIs)
     names: tuple[str, ...]  # names and addresses in its certificate
-    ca_cert: Path
-    certificate: Path
-    private_key: Path
+    ca_cert: Path | None  # checked when a command needs it (see shared.deploy.commands)
+    certificate: Path | None
+    private_key: Path | None
     database: Path | None  # None = state in memory (registrations are lost on restart)
     log_file: Path | None
 
@@ -111,9 +111,9 @@ def load_deploy_settings(path: str | Path | None = None, table: dict[str, Any] |
         host=host,
         port=port,
         names=tuple(names),
-        ca_cert=path_of("superlink", "ca-cert"),
-        certificate=path_of("superlink", "certificate"),
-        private_key=path_of("superlink", "private-key"),
+        ca_cert=path_of("superlink", "ca-cert", ""),
+        certificate=path_of("superlink", "certificate", ""),
+        private_key=path_of("superlink", "private-key", ""),
         database=path_of("superlink", "database", ""),
         log_file=path_of("superlink", "log-file", ""),
     )
