@@ -24,10 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.config import ConfigError
+
 DEFAULT_NAMES = ("localhost", "127.0.0.1")
 
 
-class CredentialError(ValueError):
+class CredentialError(ConfigError):
     """A credential file cannot be written or read; the message names the file."""
 
 
