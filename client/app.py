@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.device import Device
 from client.directory import DeviceDirectory
+from client.secagg import is_legacy_fit, secure_mod, train_legacy
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
@@ -62,10 +63,16 @@ def device_for(context: Context, cfg: RunConfig) -> Device | DeviceDirectory:
     )
 
 
-@app.train()
+def state_root(device: Device | DeviceDirectory) -> Path:
+    return device.state_dir if isinstance(device, DeviceDirectory) else device.state.root
+
+
+@app.train(mods=[secure_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg = from_flat(context.run_config)
     device = device_for(context, cfg)
+    if is_legacy_fit(msg):  # a SecAgg+ round (secure-aggregation = true): see client/secagg.py
+        return train_legacy(msg, device, state_root(device))
     server_round = int(msg.content["config"]["server-round"])
     reply = device.train_round(msg.content["arrays"].to_torch_state_dict(), server_round)
     records: dict = {"metrics": MetricRecord(reply.metrics)}

@@ -34,6 +34,7 @@ from shared.metrics import mean_metrics
 
 class DeviceDirectory:
     def __init__(self, data_dir: str | Path, cfg: RunConfig, state_dir: str | Path = "", cache_dir: str = "") -> None:
+        self.cfg = cfg
         self.data_dir = Path(data_dir).expanduser().resolve()
         if not (self.data_dir / "interactions.csv").is_file() or not (self.data_dir / "items.csv").is_file():
             raise FileNotFoundError(

@@ -59,20 +59,34 @@ def aggregate(
             total[k] += v.double()
         accepted += 1
     if user_dp:
-        if expected_clients <= 0:
-            raise ValueError(f"expected_clients = {expected_clients}: DP-FedAvg needs a positive fixed denominator")
-        # The noise is added even when no update arrived: the mechanism the ledger records always runs.
-        generator = generator or torch.Generator().manual_seed(secrets.randbits(62))
-        std = noise_multiplier * clip_norm
-        for k, v in total.items():
-            v += torch.normal(0.0, std, v.shape, generator=generator, dtype=torch.float64)
-        denominator = expected_clients
-    else:
-        if accepted == 0:
-            return Aggregate(None, 0, rejected)
-        denominator = accepted
-    delta = {k: (v / denominator).to(reference[k].dtype) for k, v in total.items()}
+        return Aggregate(noised_mean(total, reference, clip_norm, noise_multiplier, expected_clients, generator), accepted, rejected)
+    if accepted == 0:
+        return Aggregate(None, 0, rejected)
+    delta = {k: (v / accepted).to(reference[k].dtype) for k, v in total.items()}
     return Aggregate(delta, accepted, rejected)
+
+
+def noised_mean(
+    total: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """DP-FedAvg's release: the sum of clipped updates plus Gaussian noise of std `noise_multiplier *
+    clip_norm`, over the fixed denominator. Also used under secure aggregation, where the server holds
+    only the sum."""
+    if expected_clients <= 0:
+        raise ValueError(f"expected_clients = {expected_clients}: DP-FedAvg needs a positive fixed denominator")
+    # The noise is added even when no update arrived: the mechanism the ledger records always runs.
+    generator = generator or torch.Generator().manual_seed(secrets.randbits(62))
+    std = noise_multiplier * clip_norm
+    out = {}
+    for k, v in total.items():
+        noisy = v.double() + torch.normal(0.0, std, v.shape, generator=generator, dtype=torch.float64)
+        out[k] = (noisy / expected_clients).to(reference[k].dtype)
+    return out
 
 
 class ServerOptimizer:

@@ -46,6 +46,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_flat(context.run_config)
+    if cfg.secure_aggregation:
+        from server.secagg import run_secure
+
+        run_secure(grid, context, cfg, initial_model(cfg, str(resolve_dataset(cfg))))
+        return
     run(grid, cfg, str(resolve_dataset(cfg)))
 
 

@@ -74,6 +74,14 @@ class RunConfig:
     out: str = ""  # run directory; "" = none
     state_dir: str = ""  # where simulated devices keep their state; "" = <out>/devices
 
+    # Secure aggregation (Flower SecAgg+): the server learns only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 5  # shares of each device's mask keys (odd: an even value crashed Flower 1.41)
+    secagg_reconstruction_threshold: int = 3  # shares needed to unmask; a round survives shares - threshold dropouts per neighbourhood
+    secagg_quantization_bits: int = 22  # each coordinate in [-user-clip-norm, user-clip-norm] -> 2**bits levels
+    secagg_audit: bool = False  # for checking SecAgg+: devices keep a copy of each update they send, the server the unmasked sum (both stay local)
+    fault_drop_after_key_sharing: int = -1  # fault injection for tests: the simulated client with this partition-id exits after sharing keys
+
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
@@ -101,6 +109,21 @@ class RunConfig:
                 f"dp = {self.dp!r} needs noise-multiplier > 0 and clip-norm > 0 "
                 f"(got {self.noise_multiplier}, {self.clip_norm})"
             )
+        if self.secure_aggregation:
+            if not self.user_dp:
+                raise ConfigError(
+                    f"secure-aggregation = true needs dp = user or both (got dp = {self.dp!r}): the device clips "
+                    "its update to user-clip-norm, which also bounds SecAgg+'s quantisation range"
+                )
+            if self.secagg_num_shares < 3 or self.secagg_num_shares % 2 == 0:
+                raise ConfigError(f"secagg-num-shares = {self.secagg_num_shares}: expected an odd number >= 3")
+            if not 2 <= self.secagg_reconstruction_threshold <= self.secagg_num_shares:
+                raise ConfigError(
+                    f"secagg-reconstruction-threshold = {self.secagg_reconstruction_threshold}: expected 2 .. "
+                    f"secagg-num-shares ({self.secagg_num_shares})"
+                )
+            if not 8 <= self.secagg_quantization_bits <= 26:
+                raise ConfigError(f"secagg-quantization-bits = {self.secagg_quantization_bits}: expected 8 .. 26")
         if self.user_dp and (self.user_noise_multiplier <= 0 or self.user_clip_norm <= 0):
             raise ConfigError(
                 f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "

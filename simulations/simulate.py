@@ -99,7 +99,7 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
             "avrec (federated)": federated,
             "popularity": baselines.popularity(users, dataset.n_items),
             # The towers as they are without DP (ID embeddings and recent items on where configured).
-            "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none")),
+            "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none", secure_aggregation=False)),
         }
     privacy: dict[str, Any] = {"dp": cfg.dp}
     if cfg.record_dp:

@@ -1,0 +1,114 @@
+"""Secure aggregation: the same round as server/app.py, but the server learns only the sum of the
+devices' updates, through Flower's SecAgg+ (which in Flower 1.41 runs only on the legacy strategy API:
+`DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a `LegacyContext`).
+
+Every device weighs 1 (`num_examples = 1`, `max_weight = 1`), so the workflow hands the strategy the
+mean over the devices whose masked vectors arrived; times their count that is the secure sum. User-level
+DP is DP-FedAvg as without SecAgg: updates clipped to `user-clip-norm` on the device, Gaussian noise
+added to the sum here (`server.aggregate.noised_mean`), a fixed denominator, one ledger entry per round.
+SecAgg+ quantises each coordinate within [-user-clip-norm, user-clip-norm] (a clipped update lies there)
+to 2**`secagg-quantization-bits` levels with stochastic rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from server.aggregate import ServerOptimizer, noised_mean
+from server.records import RunRecorder
+from shared.config import RunConfig
+from shared.privacy.accounting import SampledGaussian
+from shared.privacy.ledger import PrivacyLedger
+
+USER_NEIGHBOURING = "add or remove one device (all data on it)"
+
+
+class SecureDPFedAvg(FedAvg):
+    """Receives only the unmasked mean of the round's updates; adds DP noise to the sum and steps."""
+
+    def __init__(self, cfg: RunConfig, initial: dict[str, torch.Tensor], out: Path) -> None:
+        self.cfg = cfg
+        self.keys = list(initial)
+        self.global_state = initial
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate)
+        self.recorder = RunRecorder(out)
+        self.ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user")
+        self.out = out
+        self.started = time.perf_counter()
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_clients, min_evaluate_clients=0,
+            min_available_clients=cfg.min_clients, accept_failures=True,
+            initial_parameters=ndarrays_to_parameters([v.numpy() for v in initial.values()]),
+            on_fit_config_fn=lambda r: {"server-round": r, "keys": "\n".join(self.keys)},
+        )
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.started = time.perf_counter()
+        self.sampled = client_manager.num_available()
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        cfg = self.cfg
+        n = len(results)
+        # Every FitRes carries the same unmasked mean (the workflow's backward compatibility).
+        mean = parameters_to_ndarrays(results[0][1].parameters) if n else [np.zeros_like(v.numpy()) for v in self.global_state.values()]
+        total = {k: torch.from_numpy(np.asarray(a, dtype=np.float64) * n) for k, a in zip(self.keys, mean)}
+        if cfg.secagg_audit:
+            save_file({k: v.contiguous() for k, v in total.items()}, str(self.out / f"secure-sum-round-{server_round}.safetensors"))
+        # Every available device is sent the round (fraction 1): no sampling, no amplification claimed.
+        expected = float(self.sampled)
+        delta = noised_mean(total, self.global_state, cfg.user_clip_norm, cfg.user_noise_multiplier, expected)
+        self.global_state = self.optimizer.step(self.global_state, delta)
+        self.ledger.append(
+            level="user", round=server_round, mechanism="dp-fedavg-secagg",
+            noise_multiplier=cfg.user_noise_multiplier, sample_rate=1.0, steps=1, clip_norm=cfg.user_clip_norm,
+            sampling="all-clients", amplification=False, neighbouring=USER_NEIGHBOURING,
+            details={"population": self.sampled, "aggregated": n, "dropped": self.sampled - n, "denominator": expected,
+                     "secure_aggregation": "secagg+", "num_shares": cfg.secagg_num_shares,
+                     "reconstruction_threshold": cfg.secagg_reconstruction_threshold},
+        )
+        rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
+        self.recorder.round(
+            server_round, rows, seconds=time.perf_counter() - self.started, sampled=self.sampled, aggregated=n,
+            declined=[], rejected=[],
+            failed=[f"a device sent no masked vector (dropped out; {len(failures)} failure record(s))"] * (self.sampled - n),
+            user_epsilon=self.ledger.epsilon(cfg.user_delta).epsilon,
+        )
+        self.recorder.checkpoint(self.global_state)
+        log(INFO, "%s", self.recorder.progress_line())
+        return ndarrays_to_parameters([v.numpy() for v in self.global_state.values()]), {}
+
+
+def run_secure(grid: Grid, context: Context, cfg: RunConfig, initial: dict[str, torch.Tensor]) -> None:
+    out = Path(cfg.out)
+    strategy = SecureDPFedAvg(cfg, initial, out)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=cfg.secagg_num_shares,
+            reconstruction_threshold=cfg.secagg_reconstruction_threshold,
+            max_weight=1.0,
+            clipping_range=cfg.user_clip_norm,
+            quantization_range=2**cfg.secagg_quantization_bits,
+        )
+    )
+    log(INFO, "avrec: secure aggregation (SecAgg+, %d shares, threshold %d), %d rounds, dp=%s",
+        cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold, cfg.num_rounds, cfg.dp)
+    workflow(grid, legacy)
+    strategy.recorder.finish(cfg)
