@@ -74,6 +74,12 @@ class RunConfig:
     out: str = ""  # run directory; "" = none
     state_dir: str = ""  # where simulated devices keep their state; "" = <out>/devices
 
+    # On-device media encoders (shared/encoders/)
+    image_backbone: str = "efficientnet-lite0"  # a name in shared.encoders.image.BACKBONES (images, video frames)
+    audio_encoder: str = "spectral"  # "spectral" (log-mel and MFCC statistics, no weights) or a local transformers model directory
+    video_frames: int = 8  # frames sampled uniformly per video (decoded by seeking, never the whole file)
+    video_shots: bool = False  # also sample the first frame after each detected shot change (up to video-frames more)
+
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
@@ -83,7 +89,7 @@ class RunConfig:
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.grad_sample_mode not in ("ghost", "hooks"):
             raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
-        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds"):
+        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds", "video_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a positive integer")
         if not 0.0 < self.fraction_train <= 1.0:
