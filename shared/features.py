@@ -27,6 +27,8 @@ from shared.encoders.cache import EmbeddingCache, file_digest
 from shared.encoders.errors import FailureTally, MediaError
 
 COMPUTED = {"text", "image", "video", "audio"}  # modalities with an on-device encoder
+# The items.csv columns each computed feature reads.
+SOURCES = {"text": (), "text-subtitles": ("subtitles",), "image": ("image",), "video": ("video",), "audio": ("audio",)}
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ItemContent:
     computed: int  # vectors computed in this call (0 when everything came from the cache)
     seconds: float
     failures: dict = field(default_factory=dict)  # FailureTally.as_dict(): media that could not be decoded
+    computed_by: dict = field(default_factory=dict)  # feature key -> vectors computed in this call
 
 
 Progress = Callable[[str, int], Any]  # (what, total) -> an object with update(n) and close(), e.g. tqdm
@@ -241,6 +244,7 @@ def item_content(
     features: dict[str, np.ndarray] = {}
     computed = 0
     files = dataset.feature_files()
+    computed_by: dict[str, int] = {}
     wanted = computed_keys(dataset.items, modalities, settings)
     for modality in modalities:
         for key in [k for k in wanted if k.split("-", 1)[0] == modality]:
@@ -250,7 +254,11 @@ def item_content(
                 features[key], n = _subtitle_features(dataset, cache, tally, progress)
             else:
                 features[key], n = media_features(key, dataset, settings, cache, tally, progress)
+            computed_by[key] = n
             computed += n
+            for column in SOURCES[key]:
+                if missing := dataset.report.get(f"missing_{column}_files", 0):
+                    tally.add(key, f"{missing} file(s) named in column {column!r} of items.csv do not exist", missing)
         for name in sorted(files):
             if name.split("-", 1)[0] == modality and name not in features:
                 features[name] = dataset.load_features(name)
@@ -267,6 +275,7 @@ def item_content(
         computed,
         time.perf_counter() - start,
         tally.as_dict(),
+        computed_by,
     )
 
 

@@ -25,8 +25,8 @@ class FailureTally:
     examples: dict[str, list[str]] = field(default_factory=dict)
     keep: int = 5
 
-    def add(self, modality: str, message: str) -> None:
-        self.counts[modality] += 1
+    def add(self, modality: str, message: str, n: int = 1) -> None:
+        self.counts[modality] += n
         shown = self.examples.setdefault(modality, [])
         if len(shown) < self.keep:
             shown.append(message)
@@ -36,9 +36,3 @@ class FailureTally:
 
     def as_dict(self) -> dict:
         return {"failed": dict(self.counts), "examples": self.examples}
-
-    def lines(self) -> list[str]:
-        out = []
-        for modality, n in sorted(self.counts.items()):
-            out.append(f"{modality}: {n} item(s) failed and continue without it; e.g. {self.examples[modality][0]}")
-        return out
