@@ -90,9 +90,12 @@ def embed(
 def _run(args: argparse.Namespace) -> int:
     from shared.cli import config_from_args
 
+    from shared.data.resolve import BUILTIN, resolve_dataset
+
     cfg = config_from_args(args)
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
-    embed(args.path, modalities, cfg.cache_dir or None, EncoderSettings.from_config(cfg), progress=not args.quiet)
+    path = resolve_dataset(cfg.replace(dataset=BUILTIN)) if str(args.path) == BUILTIN else args.path
+    embed(path, modalities, cfg.cache_dir or None, EncoderSettings.from_config(cfg), progress=not args.quiet)
     return 0
 
 
@@ -102,7 +105,7 @@ def register(commands) -> None:
         help="embed a dataset directory or a folder of media files into the on-device cache",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("path", type=Path, help="dataset directory (items.csv) or a folder of media files")
+    parser.add_argument("path", type=Path, help="dataset directory (items.csv), a folder of media files, or movielens-100k")
     parser.add_argument("--modalities", help=f"comma-separated, of {', '.join(sorted(COMPUTED))}; default: all the data has")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--config", type=Path, help="TOML file of settings (encoders: image-backbone, audio-encoder, video-frames, video-shots; cache-dir)")
