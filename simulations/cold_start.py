@@ -15,7 +15,7 @@ Compared systems:
 - oracle popularity (reference only, not a system): cold items ranked by their counts in the very
   interactions being evaluated, which no deployed system could know.
 
-    python -m simulations.cold_start [--fraction 0.2] [--seed 0] [--out runs/cold-start]
+    python -m simulations.cold_start [--seeds 0,1,2] [--fraction 0.2] [--set id-embeddings=false] [--out runs/cold-start]
 """
 
 from __future__ import annotations
@@ -145,10 +145,15 @@ def evaluate(dataset: Dataset, contents: dict[str, ItemContent], cfg: RunConfig,
             "training_users": len(users), "fraction": fraction, "seed": cfg.seed, "rows": rows}
 
 
-def format_rows(result: dict) -> str:
+def format_rows(results: list[dict]) -> str:
+    """Markdown: mean over seeds (and +- the standard deviation when there are several)."""
     lines = ["| system | HR@10 | NDCG@10 |", "|---|---|---|"]
-    for name, r in result["rows"].items():
-        lines.append(f"| {name} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} |")
+    for name in results[0]["rows"]:
+        cells = []
+        for metric in ("hr@10", "ndcg@10"):
+            values = [r["rows"][name][metric] for r in results]
+            cells.append(f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else ""))
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -157,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seeds", default="0", help="comma-separated: each draws its own cold items")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/cold-start"))
     args = parser.parse_args(argv)
@@ -166,15 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_dataset(resolve_dataset(cfg))
     settings = EncoderSettings.from_config(cfg)
     contents = {name: item_content(dataset, m, cfg.cache_dir or None, settings) for name, m in VARIANTS.items()}
-    result = evaluate(dataset, contents, cfg, args.fraction, args.epochs)
-    text = format_rows(result)
-    print(f"\nMovieLens-100K cold start: {result['cold_items']} of {dataset.n_items} items held out from all "
-          f"training (seed {cfg.seed}); {result['users_evaluated']} users, each cold item ranked against the "
-          f"other cold items:\n{text}")
+    results = [evaluate(dataset, contents, cfg.replace(seed=int(seed)), args.fraction, args.epochs)
+               for seed in args.seeds.split(",")]
+    text = format_rows(results)
+    first = results[0]
+    print(f"\nMovieLens-100K cold start: {first['cold_items']} of {dataset.n_items} items held out from all "
+          f"training (seeds {args.seeds}, id-embeddings={cfg.id_embeddings}); {first['users_evaluated']} users, "
+          f"each cold item ranked against the other cold items:\n{text}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result.update(config=cfg.to_flat(), epochs=args.epochs, seconds=round(time.perf_counter() - started, 1),
-                  markdown=text)
-    (args.out / "cold-start.json").write_text(json.dumps(result, indent=2))
+    record = {"per_seed": results, "config": cfg.to_flat(), "epochs": args.epochs,
+              "seconds": round(time.perf_counter() - started, 1), "markdown": text}
+    (args.out / "cold-start.json").write_text(json.dumps(record, indent=2))
     print(f"saved {args.out / 'cold-start.json'}")
     return 0
 

@@ -2,7 +2,7 @@
 only (the posters), text plus image, and ID only, with the same towers trained centrally without DP
 (`simulations.baselines.central`: the same split, protocols and epoch selection as `avrec simulate`).
 
-    python -m simulations.modality_table [--set id-embeddings=false] [--epochs 15] [--out runs/modality-table]
+    python -m simulations.modality_table [--seeds 0,1,2] [--set id-embeddings=false] [--out runs/modality-table]
 
 Central training, not federated: a full federated run takes about 11 minutes per row on this 2-core
 machine. ID only has no content modality: its item vectors are the learned ID embeddings alone.
@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.cli import _overrides
@@ -42,28 +43,23 @@ def content_for(dataset, modalities: list[str], cfg: RunConfig) -> ItemContent:
 
 
 def format_rows(rows: dict[str, dict]) -> str:
+    """Markdown: mean over seeds (and +- the standard deviation when there are several)."""
     cols = [(p, m) for p in PROTOCOLS for m in METRICS[p]]
     lines = ["| system | " + " | ".join(f"{p} {m}" for p, m in cols) + " | best epoch | learned modality weights |",
              "|---" * (len(cols) + 3) + "|"]
-    for name, r in rows.items():
-        weights = ", ".join(f"{k} {v:.3f}" for k, v in r.get("modality_weights", {}).items() if k != "none") or "-"
-        values = " | ".join(f"{r['test'][p][m]:.4f}" for p, m in cols)
-        lines.append(f"| {name} | {values} | {r.get('best_epoch', '-')} | {weights} |")
+    for name, runs in rows.items():
+        def cell(p, m):
+            values = [r["test"][p][m] for r in runs]
+            return f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else "")
+
+        weights = {k: np.mean([r["modality_weights"][k] for r in runs]) for k in runs[0].get("modality_weights", {})}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in weights.items() if k != "none") or "-"
+        epochs = ", ".join(str(r.get("best_epoch", "-")) for r in runs)
+        lines.append(f"| {name} | " + " | ".join(cell(p, m) for p, m in cols) + f" | {epochs} | {shown} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("runs/modality-table"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = from_flat(_overrides(args.set), RunConfig(dp="none"))
-    if cfg.dp != "none":
-        parser.error("central training is without DP: leave dp at none")
-    started = time.perf_counter()
+def table_for_seed(cfg: RunConfig, epochs: int, log=print) -> dict[str, dict]:
     dataset = load_dataset(resolve_dataset(cfg))
     split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
     rows: dict[str, dict] = {"popularity": baselines.popularity(split.users, dataset.n_items)}
@@ -72,18 +68,36 @@ def main(argv: list[str] | None = None) -> int:
         if not modalities:
             run_cfg = run_cfg.replace(id_embeddings="true")  # ID only: nothing else to rank with
         content = content_for(dataset, modalities, cfg)
-        failures = content.failures.get("failed", {})
-        result = baselines.central(split.users, content, dataset.n_items, run_cfg, epochs=args.epochs)
+        result = baselines.central(split.users, content, dataset.n_items, run_cfg, epochs=epochs)
         result["content"] = {k: list(v.shape) for k, v in content.features.items()}
         result["items_with_modality"] = {k: int(n) for k, n in zip(content.features, content.mask.sum(0).tolist())}
-        result["media_failures"] = failures
+        result["media_failures"] = content.failures.get("failed", {})
         rows[name] = result
-        print(f"{name}: {result['test']} (best epoch {result['best_epoch']}, {result['seconds']} s)", flush=True)
+        log(f"seed {cfg.seed}, {name}: {result['test']} (best epoch {result['best_epoch']}, {result['seconds']} s)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seeds", default="0", help="comma-separated: split, negatives and initialisation seeds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/modality-table"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = from_flat(_overrides(args.set), RunConfig(dp="none"))
+    if cfg.dp != "none":
+        parser.error("central training is without DP: leave dp at none")
+    started = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = {seed: table_for_seed(cfg.replace(seed=seed), args.epochs, lambda m: print(m, flush=True)) for seed in seeds}
+    rows = {name: [per_seed[seed][name] for seed in seeds] for name in per_seed[seeds[0]]}
     text = format_rows(rows)
-    print(f"\nMovieLens-100K, central training without DP (id-embeddings={cfg.id_embeddings}, "
-          f"{args.epochs} epochs, test at the epoch with the best validation HR@10):\n{text}")
+    print(f"\nMovieLens-100K, central training without DP (id-embeddings={cfg.id_embeddings}, {args.epochs} epochs, "
+          f"seeds {args.seeds}, test at the epoch with the best validation HR@10):\n{text}")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"table": rows, "config": cfg.to_flat(), "epochs": args.epochs,
+    record = {"per_seed": per_seed, "seeds": seeds, "config": cfg.to_flat(), "epochs": args.epochs,
               "seconds": round(time.perf_counter() - started, 1), "markdown": text}
     (args.out / "modality-table.json").write_text(json.dumps(record, indent=2))
     print(f"saved {args.out / 'modality-table.json'}")

@@ -46,3 +46,21 @@ def test_cold_items_never_reach_training(tmp_path):
     inter = dataset.interactions
     n_cold = int(np.isin(inter["item"], cold).sum())
     assert sum(len(v) for v in positives.values()) == n_cold
+
+
+def test_evaluate_trains_without_cold_items_and_ranks_them_from_content(tmp_path):
+    from shared.config import RunConfig
+    from shared.features import item_content
+    from simulations.cold_start import evaluate
+
+    dataset = load_dataset(write_planted_dataset(tmp_path / "d", n_users=20, n_items=80, n_clusters=2, seed=3))
+    content = item_content(dataset, ["text"], tmp_path / "cache")
+    result = evaluate(dataset, {"text": content}, RunConfig(dp="none", eval_negatives=20), 0.25, epochs=3,
+                      log=lambda *_: None)
+    assert result["cold_items"] == 20 and result["warm_items"] == 60
+    rows = result["rows"]
+    assert rows["popularity (all cold items tied, ties against the item)"]["hr@10"] == 0.0
+    assert rows["text"]["pairs"] == rows["random (exact expectation)"]["pairs"]
+    # Planted titles carry each cluster's words: content alone must rank unseen items well above chance.
+    assert rows["text"]["hr@10"] > rows["random (exact expectation)"]["hr@10"] + 0.15
+    assert rows["text"]["modality_weights"] == {"text": 1.0}
