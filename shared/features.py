@@ -104,6 +104,7 @@ def text_features(dataset: Dataset, cache: EmbeddingCache, progress: Progress = 
     bar = progress("text", len(texts))
 
     def compute(indices: list[int]) -> np.ndarray:
+        bar.update(len(texts) - len(indices))  # found in the cache
         if not encoder:
             encoder.append(text.TextEncoder())
         out = []
@@ -114,7 +115,10 @@ def text_features(dataset: Dataset, cache: EmbeddingCache, progress: Progress = 
         return np.concatenate(out)
 
     try:
-        return cache.embed_all(text.encoder_id(), [t.encode() for t in texts], compute, dim=text.TextEncoder.dim)
+        vectors, computed = cache.embed_all(text.encoder_id(), [t.encode() for t in texts], compute, dim=text.TextEncoder.dim)
+        if not encoder:
+            bar.update(len(texts))  # everything came from the cache
+        return vectors, computed
     finally:
         bar.close()
 
@@ -157,6 +161,7 @@ def _file_features(
     bar = progress(key, len(present))
 
     def compute(indices: list[int]) -> list[np.ndarray | None]:
+        bar.update(len(present) - len(indices))  # found in the cache
         if not embed:
             embed.append(make())
         out: list[np.ndarray | None] = []
@@ -172,6 +177,8 @@ def _file_features(
 
     try:
         vectors, computed = cache.embed_all(encoder_id, contents, compute, dim=dim)
+        if not embed:
+            bar.update(len(present))  # everything came from the cache
     finally:
         bar.close()
     matrix = np.zeros((len(paths), dim), np.float32)

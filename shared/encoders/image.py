@@ -134,7 +134,7 @@ def open_image(path: str | Path):
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not later in a batch
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
