@@ -197,3 +197,24 @@ def test_subtitles_keep_only_the_spoken_words(tmp_path):
     words = " ".join(f"w{i}" for i in range(subtitles.CHUNK_WORDS * 40))
     parts = subtitles.chunks(words)
     assert len(parts) == subtitles.MAX_CHUNKS and parts[0].startswith("w0 ") and parts[-1].endswith(f"w{6000 - 1}")
+
+
+def test_shot_changes_are_found_in_a_video_with_a_hard_cut(tmp_path):
+    import av
+
+    path = tmp_path / "cut.mp4"
+    with av.open(str(path), "w") as out:  # 3 s at 25 fps: dark until frame 40, then bright
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(75):
+            pixels = np.full((48, 64, 3), 20 if i < 40 else 230, np.uint8)
+            pixels[:, :8] = (i * 3) % 255  # a little motion that is not a cut
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    sampler = video.VideoEncoder(None, frames=2, shots=True)
+    with av.open(str(path)) as container:
+        assert sampler._shot_changes(container, container.streams.video[0]) == [1.6]
+    assert len(sampler.sample_frames(path)) == 3  # 2 uniform frames (0.75 s, 2.25 s) and the cut at 1.6 s
+    assert len(video.VideoEncoder(None, frames=2).sample_frames(path)) == 2

@@ -100,3 +100,14 @@ def test_avrec_embed_twice_computes_nothing_the_second_time(dataset_dir, tmp_pat
     folder = embed(media_samples(), cache_dir=str(cache), progress=False, log=lambda *_: None)
     assert folder["kind"] == "media folder" and folder["items"] == 9
     assert folder["features"]["audio"]["items_with_vector"] == 9 and folder["features"]["video"]["items_with_vector"] == 1
+
+
+def test_precomputed_feature_files_join_the_computed_modalities(dataset_dir, tmp_path):
+    root = tmp_path / "with-features"
+    shutil.copytree(dataset_dir, root)
+    (root / "features").mkdir()
+    np.save(root / "features" / "audio-clap.npy", np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32))
+    content = item_content(load_dataset(root), ["text", "audio"], tmp_path / "cache")
+    assert list(content.features) == ["text", "text-subtitles", "audio", "audio-clap"]
+    assert content.mask[:, 3].tolist() == [1, 1, 1, 1, 1]
+    assert catalogue_shapes(root, ["text", "audio"])[1] == {"text": 384, "text-subtitles": 384, "audio": 168, "audio-clap": 12}
