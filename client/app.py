@@ -20,7 +20,7 @@ from client.secagg import is_legacy_fit, secure_mod, train_legacy
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
-from shared.features import load_cached
+from shared.features import EncoderSettings, load_cached
 
 app = ClientApp()
 torch.set_num_threads(1)  # simulated devices run side by side; one thread each was fastest here
@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 @functools.lru_cache(maxsize=2)
 def _population(cfg: RunConfig):
     dataset_dir = resolve_dataset(cfg)
-    dataset, content = load_cached(str(dataset_dir), cfg.modalities, cfg.cache_dir)
+    dataset, content = load_cached(str(dataset_dir), cfg.modalities, cfg.cache_dir, EncoderSettings.from_config(cfg))
     split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
     return dataset, content, users

@@ -16,7 +16,7 @@ from server.aggregate import ServerOptimizer, aggregate, sample_clients
 from server.records import RunRecorder
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
-from shared.features import catalogue_shapes, placeholder_content
+from shared.features import EncoderSettings, catalogue_shapes, placeholder_content
 from shared.model import build_model, shared_state
 from shared.privacy.accounting import SampledGaussian, epsilon
 from shared.privacy.ledger import PrivacyLedger
@@ -28,7 +28,7 @@ USER_NEIGHBOURING = "add or remove one user (all of a client's data)"
 
 def initial_model(cfg: RunConfig, dataset_dir: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed)
-    n_items, dims = catalogue_shapes(dataset_dir, cfg.modality_list)
+    n_items, dims = catalogue_shapes(dataset_dir, cfg.modality_list, EncoderSettings.from_config(cfg))
     return shared_state(build_model(placeholder_content(n_items, dims), n_items, cfg))
 
 

@@ -17,6 +17,7 @@ from shared.config import ConfigError, load_config
 SUBCOMMANDS = [
     "shared.cli",  # simulate
     "shared.deploy.cli",  # deploy
+    "shared.embed",  # embed
 ]
 
 

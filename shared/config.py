@@ -81,6 +81,11 @@ class RunConfig:
     secagg_quantization_bits: int = 22  # each coordinate in [-user-clip-norm, user-clip-norm] -> 2**bits levels
     secagg_audit: bool = False  # for checking SecAgg+: devices keep a copy of each update they send, the server the unmasked sum (both stay local)
     fault_drop_after_key_sharing: int = -1  # fault injection for tests: the simulated client with this partition-id exits after sharing keys
+    # On-device media encoders (shared/encoders/)
+    image_backbone: str = "efficientnet-lite0"  # a name in shared.encoders.image.BACKBONES (images, video frames)
+    audio_encoder: str = "spectral"  # "spectral" (log-mel and MFCC statistics, no weights) or a local transformers model directory
+    video_frames: int = 8  # frames sampled uniformly per video (decoded by seeking, never the whole file)
+    video_shots: bool = False  # also sample the first frame after each detected shot change (up to video-frames more)
 
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
@@ -91,7 +96,7 @@ class RunConfig:
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.grad_sample_mode not in ("ghost", "hooks"):
             raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
-        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds"):
+        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds", "video_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a positive integer")
         if not 0.0 < self.fraction_train <= 1.0:

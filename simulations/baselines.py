@@ -46,8 +46,13 @@ def central(
     epochs: int = 15,
     lr: float = 0.005,
     batch_size: int = 256,
+    keep_scores: bool = False,
 ) -> dict:
-    """Train the two towers on all users' training interactions at once (no federation, no DP)."""
+    """Train the two towers on all users' training interactions at once (no federation, no DP).
+
+    The first `n_items` items are the training catalogue (ID embeddings, offsets, negatives); content rows
+    after them are items never trained on, scored from content alone. With `keep_scores` the result holds
+    `scores`, every user's scores of every item (content rows) at the selected epoch."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -83,9 +88,13 @@ def central(
         ).numpy()
         metrics = evaluate_scores(scores, users)
         if best is None or metrics[SELECT_BY] > best[1][SELECT_BY]:
-            best = (epoch, metrics)
-    epoch, metrics = best
+            weights = dict(zip(model.items.modalities, model.items.modality_weights().tolist()))
+            best = (epoch, metrics, weights, scores if keep_scores else None)
+    epoch, metrics, weights, best_scores = best
+    extra = {"scores": best_scores} if keep_scores else {}
     return {
+        **extra,
+        "modality_weights": weights,
         "test": table(metrics, "test"),
         "val": table(metrics, "val"),
         "best_epoch": epoch,

