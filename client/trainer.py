@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.sampling import csprng_loader
 from shared.config import RunConfig
 from shared.model import TwoTower, is_private, recent_contexts
 
@@ -119,6 +120,7 @@ def train_local(
             raise RuntimeError(
                 f"Opacus sampled at rate {loader.sample_rate}, the ledger expects {sample_rate}"
             )
+        loader = csprng_loader(loader)  # the Poisson mask from the OS CSPRNG (client.sampling)
     steps, total, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
         for batch, *context in loader:
