@@ -16,6 +16,7 @@ from shared.config import ConfigError, load_config
 # One line per subcommand module.
 SUBCOMMANDS = [
     "shared.cli",  # simulate
+    "shared.privacy.cli",  # audit verify | report | empirical
 ]
 
 
