@@ -77,8 +77,12 @@ def train_local(
     cfg: RunConfig,
     seed: int,
     dp: bool,
+    after_backward=None,
 ) -> TrainResult:
-    """Train `model` in place on the user's training interactions for `cfg.local_epochs` epochs."""
+    """Train `model` in place on the user's training interactions for `cfg.local_epochs` epochs.
+
+    `after_backward(optimizer)`, if given, runs between each backward pass and optimizer step: the
+    empirical privacy audit (`shared.privacy.empirical`) injects its canary gradients there."""
     n_items = model.items.n_items
     targets = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
     n = int(targets.shape[0])
@@ -134,6 +138,8 @@ def train_local(
             logits = example_logits(model, history, batch, n_items, cfg, generator, None, *context)
             loss = criterion(logits, torch.zeros(batch.shape[0], dtype=torch.long))
             loss.backward()
+            if after_backward is not None:
+                after_backward(optimizer)
             optimizer.step()
             steps += 1
             total += float(loss.detach()) * batch.shape[0]
