@@ -45,10 +45,10 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     q = 1.0 / (1.0 + math.exp(-eps))
     beta = float(stats.binom.sf(v - 1, r, q))
     # delta's contribution: the largest average of P[v - i <= Binomial(r, q) < v] per unit i
-    alpha, tail = 0.0, 0.0
-    for i in range(1, v + 1):
-        tail += float(stats.binom.pmf(v - i, r, q))
-        alpha = max(alpha, tail / i)
+    if v == 0:
+        return min(1.0, beta)
+    i = np.arange(1, v + 1)
+    alpha = float(np.max(np.cumsum(stats.binom.pmf(v - i, r, q)) / i))
     return min(1.0, beta + alpha * delta * 2 * m)
 
 
@@ -130,14 +130,15 @@ def _content(n_items: int, dim: int, generator: torch.Generator):
 
 
 def record_level(canaries: int = 1000, noise_fraction: float = 1.0, seed: int = 0, examples: int = 200,
-                 noise_multiplier: float = 2.0, local_epochs: int = 8, delta: float = 1e-5) -> dict[str, Any]:
+                 noise_multiplier: float = 2.0, local_epochs: int = 8, delta: float = 1e-5,
+                 embedding_dim: int = 64) -> dict[str, Any]:
     """White-box gradient canaries in one device's DP-SGD (avrec's model, Opacus, `train_local`)."""
     from client.trainer import local_steps, train_local
     from shared.config import RunConfig
     from shared.model import build_model
 
     g = torch.Generator().manual_seed(seed)
-    cfg = RunConfig(dp="record", noise_multiplier=noise_multiplier, local_epochs=local_epochs, embedding_dim=64)
+    cfg = RunConfig(dp="record", noise_multiplier=noise_multiplier, local_epochs=local_epochs, embedding_dim=embedding_dim)
     content = _content(300, 32, g)
     torch.manual_seed(seed)
     model = build_model(content, 300, cfg)
