@@ -46,6 +46,7 @@ class Verification:
     record_epsilons: dict[str, float] = field(default_factory=dict)
     user: Any = None  # EpsilonReport of the most-charged client
     manifest: dict[str, Any] = field(default_factory=dict)
+    invalid: set[str] = field(default_factory=set)  # ledgers that failed to load: no epsilon compared
 
     @property
     def ok(self) -> bool:
@@ -114,6 +115,7 @@ def _server(v: Verification) -> None:
         ledger = PrivacyLedger(path, "user", public_key=v.server_key)
     except LedgerError as exc:
         v.fail(path, str(exc).replace(str(path), "").lstrip(", :"))
+        v.invalid.add(SERVER_LEDGER)  # its epsilon cannot be recomputed
         return
     v.server_entries = ledger.entries
     _check_entries(v, path, ledger.entries, "user")
@@ -142,13 +144,15 @@ def _devices(v: Verification) -> None:
         name = ledger_path.parent.name
         try:
             key = read_public(ledger_path.parent)
+            reported_head = reported.pop(key, None)
             ledger = PrivacyLedger(ledger_path, "record", public_key=key)
         except (LedgerError, SigningKeyError) as exc:
             v.fail(ledger_path, str(exc).replace(str(ledger_path), "").lstrip(", :"))
+            v.invalid.add(name)
             continue
         v.devices[name], v.device_keys[name] = ledger.entries, key
         _check_entries(v, ledger_path, ledger.entries, "record")
-        head = reported.pop(key, None)
+        head = reported_head
         if v.manifest and ledger.entries:
             if head is None:
                 v.fail(ledger_path, "its key is not among the device heads the server recorded in the signed manifest")
@@ -176,7 +180,7 @@ def _epsilons(v: Verification, summary: dict | None, rounds: list[dict], federat
                 continue
             v.record_epsilons[name] = cache[events]
         stored = privacy.get("record_level")
-        if v.record_epsilons and stored is not None:
+        if v.record_epsilons and stored is not None and not (v.invalid - {SERVER_LEDGER}):
             ours = record_stats(list(v.record_epsilons.values()))
             if stored.get("clients") != len(v.record_epsilons):
                 v.fail("summary.json", f"record level: {stored.get('clients')} devices, the run directory holds "
@@ -187,7 +191,7 @@ def _epsilons(v: Verification, summary: dict | None, rounds: list[dict], federat
                                            f"ledgers {value}")
         elif v.config.get("dp") in ("record", "both") and summary is not None:
             v.fail("summary.json", "no record-level epsilon, but the run ran record-level DP")
-    if v.server_entries or v.config.get("dp") in ("user", "both"):
+    if (v.server_entries or v.config.get("dp") in ("user", "both")) and SERVER_LEDGER not in v.invalid:
         delta = v.config["user-delta"]
         try:
             v.user = user_epsilon(v.server_entries, delta)
