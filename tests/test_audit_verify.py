@@ -129,7 +129,9 @@ def test_edited_stored_epsilons_fail(copy):
     summary["privacy"]["record_level"]["max"] *= 0.5
     summary["privacy"]["user_level"]["epsilon"] = 0.1
     (copy / "summary.json").write_text(json.dumps(summary))
-    rewrite_lines(copy / "rounds.jsonl", lambda ls: [ls[0].replace('"user_epsilon": ', '"user_epsilon": 0.0'), *ls[1:]])
+    rows = [json.loads(line) for line in (copy / "rounds.jsonl").read_text().splitlines()]
+    rows[0]["user_epsilon"] *= 0.5
+    (copy / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = failures(copy)
     assert "record-level epsilon max" in text and "user-level epsilon is 0.1" in text
     assert "rounds.jsonl: round 1: user_epsilon" in text

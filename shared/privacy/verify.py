@@ -180,7 +180,9 @@ def _epsilons(v: Verification, summary: dict | None, rounds: list[dict], federat
                 continue
             v.record_epsilons[name] = cache[events]
         stored = privacy.get("record_level")
-        if v.record_epsilons and stored is not None and not (v.invalid - {SERVER_LEDGER}):
+        if v.invalid - {SERVER_LEDGER}:
+            pass  # a device ledger failed to load: its epsilon cannot be compared (already a problem)
+        elif v.record_epsilons and stored is not None:
             ours = record_stats(list(v.record_epsilons.values()))
             if stored.get("clients") != len(v.record_epsilons):
                 v.fail("summary.json", f"record level: {stored.get('clients')} devices, the run directory holds "
@@ -240,7 +242,10 @@ def verify_run(run_dir: str | Path, server_key: str | None = None) -> Verificati
         v.fail(v.run_dir / "audit-manifest.json", str(exc).split(": ", 1)[-1])
     rounds = []
     if (v.run_dir / "rounds.jsonl").exists():
-        rounds = [json.loads(line) for line in (v.run_dir / "rounds.jsonl").read_text().splitlines() if line]
+        try:
+            rounds = [json.loads(line) for line in (v.run_dir / "rounds.jsonl").read_text().splitlines() if line]
+        except json.JSONDecodeError as exc:
+            v.fail(v.run_dir / "rounds.jsonl", f"not valid JSON Lines ({exc})")
     _server(v)
     _devices(v)
     if v.config:
