@@ -79,6 +79,8 @@ def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any
             "adversary": "the server and anyone who sees the released global models; devices' records are "
                          "protected at record level from everything that leaves the device, users at user level "
                          "from the aggregated global models",
+            "public": "the population size and each round's participants (node ids), which set the DP-FedAvg "
+                      "denominator; each device's number of examples, which sets its DP-SGD sampling rate",
             "secure_aggregation_settings": secure_agg,
         },
         "outside_the_guarantee": OUTSIDE,
@@ -181,7 +183,7 @@ def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any
     return facts
 
 
-def svg_plot(facts: dict[str, Any], width: int = 560, height: int = 320) -> str:
+def svg_plot(facts: dict[str, Any], width: int = 640, height: int = 320) -> str:
     """Epsilon against rounds, hand-written SVG (no plotting library here)."""
     series = []
     rec = facts["levels"].get("record")
@@ -214,8 +216,8 @@ def svg_plot(facts: dict[str, Any], width: int = 560, height: int = 320) -> str:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in [(0, 0.0)] + pts)
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
         out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
-        out.append(f'<rect x="{left + 10 + 180 * i}" y="{height - 16}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{left + 24 + 180 * i}" y="{height - 7}">{label}</text>')
+        out.append(f'<rect x="{left + 10 + 200 * i}" y="{height - 16}" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{left + 24 + 200 * i}" y="{height - 7}">{label}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -236,7 +238,8 @@ def markdown(facts: dict[str, Any], figure: str) -> str:
     lines += [f"- problem: {p}" for p in ver["problems"]] + [f"- warning: {w}" for w in ver["warnings"]]
     lines += ["", f"DP mode: `{facts['dp']}`. {facts['note'].capitalize()}.", "", "## Threat model", "",
               f"- The server sees {facts['threat_model']['server_sees']}.",
-              f"- Adversary: {facts['threat_model']['adversary']}.", ""]
+              f"- Adversary: {facts['threat_model']['adversary']}.",
+              f"- Treated as public: {facts['threat_model']['public']}.", ""]
     for level, title in (("record", "Record level (on each device)"), ("user", "User level (on the server)")):
         f = facts["levels"].get(level)
         if not f:
