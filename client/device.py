@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from client.history import history_key, release_history
+from client.sampling import SOURCE as SAMPLING_SOURCE
 from client.state import DeviceState
 from client.trainer import local_steps, train_local
 from shared.config import RunConfig
@@ -119,8 +120,12 @@ class Device:
             self.state.ledger.append(
                 level="record", round=server_round, mechanism="dp-sgd",
                 noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
-                steps=result.steps, clip_norm=cfg.clip_norm, sampling="poisson", amplification=True,
-                neighbouring=NEIGHBOURING, details={"examples": result.examples, "grad_sample_mode": cfg.grad_sample_mode},
+                steps=result.steps, clip_norm=cfg.clip_norm, sampling="poisson-csprng", amplification=True,
+                neighbouring=NEIGHBOURING,
+                details={"examples": result.examples, "grad_sample_mode": cfg.grad_sample_mode,
+                         "batch_size": cfg.batch_size, "local_epochs": cfg.local_epochs,
+                         "sampling_source": SAMPLING_SOURCE,
+                         "noise_source": "torch.Generator seeded with 62 bits from the OS CSPRNG"},
             )
         self.state.save_private(
             {**private_state(model), "history": history},

@@ -1,5 +1,7 @@
-"""What a device keeps on its own disk across rounds and runs: its record-level privacy ledger, its
-private user vector and its released history summary. None of it is ever sent."""
+"""What a device keeps on its own disk across rounds and runs: its record-level privacy ledger (signed with
+the device's own Ed25519 key, kept here with owner-only permissions), its private user vector and its
+released history summary. None of it is ever sent, except the ledger's signed head (entry count and last
+hash), which lets an auditor detect a ledger rolled back later."""
 
 from __future__ import annotations
 
@@ -11,13 +13,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.signing import load_or_create_key
 
 
 class DeviceState:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.ledger = PrivacyLedger(self.root / "privacy-ledger.jsonl", level="record")
+        self.ledger = PrivacyLedger(self.root / "privacy-ledger.jsonl", level="record",
+                                    signer=load_or_create_key(self.root))
+
+    def ledger_head(self) -> dict | None:
+        """The ledger's signed head, or None before the first entry."""
+        return self.ledger.head() if self.ledger.head_path.exists() else None
 
     @property
     def _private_path(self) -> Path:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.sampling import csprng_loader
 from shared.config import RunConfig
 from shared.model import TwoTower, is_private, recent_contexts
 
@@ -76,8 +77,12 @@ def train_local(
     cfg: RunConfig,
     seed: int,
     dp: bool,
+    after_backward=None,
 ) -> TrainResult:
-    """Train `model` in place on the user's training interactions for `cfg.local_epochs` epochs."""
+    """Train `model` in place on the user's training interactions for `cfg.local_epochs` epochs.
+
+    `after_backward(optimizer)`, if given, runs between each backward pass and optimizer step: the
+    empirical privacy audit (`shared.privacy.empirical`) injects its canary gradients there."""
     n_items = model.items.n_items
     targets = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
     n = int(targets.shape[0])
@@ -119,6 +124,7 @@ def train_local(
             raise RuntimeError(
                 f"Opacus sampled at rate {loader.sample_rate}, the ledger expects {sample_rate}"
             )
+        loader = csprng_loader(loader)  # the Poisson mask from the OS CSPRNG (client.sampling)
     steps, total, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
         for batch, *context in loader:
@@ -132,6 +138,8 @@ def train_local(
             logits = example_logits(model, history, batch, n_items, cfg, generator, None, *context)
             loss = criterion(logits, torch.zeros(batch.shape[0], dtype=torch.long))
             loss.backward()
+            if after_backward is not None:
+                after_backward(optimizer)
             optimizer.step()
             steps += 1
             total += float(loss.detach()) * batch.shape[0]

@@ -1,5 +1,6 @@
-"""The Flower ServerApp: samples clients, aggregates their shared-weight updates, keeps the user-level
-privacy ledger, records every round and checkpoints the global model."""
+"""The Flower ServerApp: samples clients, aggregates their shared-weight updates, keeps the signed
+user-level privacy ledger, records every round, checkpoints the global model and signs the run's audit
+manifest."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from shared.features import EncoderSettings, catalogue_shapes, placeholder_conte
 from shared.model import build_model, shared_state
 from shared.privacy.accounting import SampledGaussian, epsilon
 from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.manifest import code_digest, config_digest, write_manifest
+from shared.privacy.participation import EVERYONE, client_histories, participation, user_epsilon
+from shared.privacy.signing import load_or_create_key
 
 app = ServerApp()
 
@@ -43,6 +47,13 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
     return nodes
 
 
+def schedule_allows(cfg: RunConfig, rounds_so_far: int, last: int | None, server_round: int) -> bool:
+    """The cap on rounds per client and their minimum separation (used only without amplification)."""
+    if cfg.max_rounds_per_client and rounds_so_far >= cfg.max_rounds_per_client:
+        return False
+    return last is None or server_round - last >= cfg.min_round_separation
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_flat(context.run_config)
@@ -58,20 +69,35 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
     out = Path(cfg.out)
     recorder = RunRecorder(out)
     global_state = initial_model(cfg, dataset_dir)
-    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user") if cfg.user_dp else None
+    key = load_or_create_key(cfg.server_key_dir or out / "server")
+    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user", signer=key) if cfg.user_dp else None
+    chosen = participation(ledger.entries) if ledger is not None else {}
+    last_round = {str(n): e.round for e in (ledger.entries if ledger else []) for n in e.details.get("participants", ())}
+    device_heads: dict[str, dict] = {}
     optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate)
     nodes = wait_for_nodes(grid, cfg.min_clients)
     log(INFO, "avrec: %d clients, %d rounds, dp=%s", len(nodes), cfg.num_rounds, cfg.dp)
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
         nodes = list(grid.get_node_ids())
-        sampled, random_sample = sample_clients(nodes, cfg.fraction_train)
-        expected = cfg.fraction_train * len(nodes)
+        eligible = [n for n in nodes if schedule_allows(cfg, chosen.get(str(n), 0), last_round.get(str(n)), server_round)]
+        sampled, random_sample = sample_clients(eligible, cfg.fraction_train)
+        if not sampled and not random_sample:
+            if all(not schedule_allows(cfg, chosen.get(str(n), 0), None, server_round) for n in nodes):
+                recorder.stopped(f"every client has taken part in max-rounds-per-client = {cfg.max_rounds_per_client} rounds")
+                break
+            log(INFO, "avrec: round %d skipped: no client is min-round-separation = %d rounds past its last round",
+                server_round, cfg.min_round_separation)
+            continue
+        # The fixed DP-FedAvg denominator: the expected sample, or the server's own (data-independent) choice
+        expected = cfg.fraction_train * len(nodes) if random_sample else len(sampled)
         user_event = None
         if ledger is not None:
             # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
             user_event = SampledGaussian(cfg.user_noise_multiplier, cfg.fraction_train if random_sample else 1.0, 1)
-            after = epsilon(ledger.events() + [user_event], cfg.user_delta, accountant="rdp-fast")
+            histories = client_histories(ledger.entries)
+            charged = histories.values() if random_sample else {histories.get(str(n), histories[EVERYONE]) for n in sampled}
+            after = max((epsilon([*h, user_event], cfg.user_delta, accountant="rdp-fast") for h in set(charged)), default=0.0)
             if after > cfg.user_epsilon_budget:
                 log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f "
                     "(RDP bound, delta %g) over the budget %g", server_round, after, cfg.user_delta,
@@ -94,6 +120,11 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 declined.append(f"{source}: {reply.content['config'].get('reason', '')}" if "config" in reply.content else source)
                 continue
             updates.append((source, reply.content["arrays"].to_torch_state_dict()))
+        for reply in replies:
+            if not reply.has_error() and "ledger" in reply.content:
+                head = reply.content["ledger"]
+                device_heads[str(head["public-key"])] = {"entries": int(head["entries"]), "last_hash": str(head["last-hash"]),
+                                                         "signature": str(head["signature"])}
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 
         result = aggregate(
@@ -108,9 +139,15 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
                 clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
                 amplification=random_sample, neighbouring=USER_NEIGHBOURING,
-                details={"population": len(nodes), "sampled": len(sampled), "aggregated": result.accepted,
-                         "denominator": expected, "fraction": cfg.fraction_train},
+                details={"population": len(nodes), "eligible": len(eligible), "sampled": len(sampled),
+                         "aggregated": result.accepted, "denominator": expected, "fraction": cfg.fraction_train,
+                         "participants": sorted(sampled), "max_rounds_per_client": cfg.max_rounds_per_client,
+                         "min_round_separation": cfg.min_round_separation,
+                         "sampling_source": "secrets.SystemRandom (OS CSPRNG)" if random_sample else "none"},
             )
+        for n in sampled:
+            chosen[str(n)] = chosen.get(str(n), 0) + 1
+            last_round[str(n)] = server_round
         recorder.round(
             server_round,
             metric_rows,
@@ -120,11 +157,20 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             declined=declined,
             rejected=result.rejected,
             failed=failed,
-            user_epsilon=ledger.epsilon(cfg.user_delta).epsilon if ledger is not None else None,
+            user_epsilon=user_epsilon(ledger.entries, cfg.user_delta).epsilon if ledger is not None else None,
         )
         recorder.checkpoint(global_state)
         for reason in (declined + result.rejected + failed)[:3]:
             log(WARNING, "avrec: round %d: %s", server_round, reason)
         log(INFO, "%s", recorder.progress_line())
+    write_manifest(out, key, {
+        "server_ledger": {"entries": len(ledger.entries), "last_hash": ledger.entries[-1].hash if ledger.entries else ""}
+        if ledger is not None else None,
+        "device_heads": device_heads,
+        "participation": {n: c for n, c in sorted(chosen.items())},
+        "config_sha256": config_digest(cfg.to_flat()),
+        "code_sha256": code_digest(),
+        "rounds_run": len(recorder.rounds),
+    })
     recorder.finish(cfg)
     log(INFO, "avrec: results in %s", out / "federated.json")

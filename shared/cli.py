@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "shared.cli",  # simulate
     "shared.deploy.cli",  # deploy
     "shared.embed",  # embed
+    "shared.privacy.cli",  # audit verify | report | empirical
 ]
 
 

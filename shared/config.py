@@ -86,6 +86,12 @@ class RunConfig:
     audio_encoder: str = "spectral"  # "spectral" (log-mel and MFCC statistics, no weights) or a local transformers model directory
     video_frames: int = 8  # frames sampled uniformly per video (decoded by seeking, never the whole file)
     video_shots: bool = False  # also sample the first frame after each detected shot change (up to video-frames more)
+    # Audit (issue 4)
+    server_key_dir: str = ""  # where the server keeps its Ed25519 ledger-signing key; "" = <out>/server
+    # User level, only where amplification is not claimed (fraction-train = 1): each client takes part in
+    # at most this many rounds (0 = no cap), and at least this many rounds apart (1 = consecutive rounds)
+    max_rounds_per_client: int = 0
+    min_round_separation: int = 1
 
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
@@ -109,6 +115,17 @@ class RunConfig:
         for name in ("noise_multiplier", "clip_norm", "user_noise_multiplier", "user_clip_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value >= 0")
+        if self.max_rounds_per_client < 0 or self.min_round_separation < 1:
+            raise ConfigError(
+                f"max-rounds-per-client = {self.max_rounds_per_client}, min-round-separation = "
+                f"{self.min_round_separation}: expected >= 0 and >= 1"
+            )
+        if (self.max_rounds_per_client or self.min_round_separation > 1) and self.fraction_train < 1.0:
+            # Poisson sampling's amplification assumes every client is eligible every round
+            raise ConfigError(
+                "max-rounds-per-client and min-round-separation apply only where amplification is not "
+                f"claimed (fraction-train = 1), got fraction-train = {self.fraction_train}"
+            )
         if self.record_dp and (self.noise_multiplier <= 0 or self.clip_norm <= 0):
             raise ConfigError(
                 f"dp = {self.dp!r} needs noise-multiplier > 0 and clip-norm > 0 "

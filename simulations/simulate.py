@@ -26,6 +26,7 @@ from shared.data.split import leave_one_out
 from shared.features import EncoderSettings, item_content
 from shared.metrics import METRICS, PROTOCOLS
 from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.participation import user_epsilon
 from simulations import baselines
 from simulations.engine import TreeMemory, run_app
 
@@ -111,7 +112,7 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
         privacy["record_level"]["unit"] = "one interaction of one user (add/remove)"
     if cfg.user_dp:
         ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user")
-        report = ledger.epsilon(cfg.user_delta)
+        report = user_epsilon(ledger.entries, cfg.user_delta)  # the most-charged client
         privacy["user_level"] = {"epsilon": report.epsilon, "delta": cfg.user_delta, "rounds": len(ledger.entries),
                                  "unit": "all data of one user (add/remove)"}
     summary = {

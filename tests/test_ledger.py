@@ -161,6 +161,7 @@ def test_concurrent_writer_detected(path):
     [
         ({"hash": "x"}, "computed"),
         ({"prev_hash": ""}, "computed"),
+        ({"signature": ""}, "computed"),
         ({"epsilon": 1.0}, "unknown"),
         ({"sample_rate": 0.0}, "sample_rate"),
         ({"noise_multiplier": -1.0}, "noise_multiplier"),

@@ -13,10 +13,14 @@ File format: JSON Lines, one entry per line, each line the canonical JSON
 SHA-256 of the canonical JSON of the entry without ``hash`` (see
 :func:`entry_hash`), and ``prev_hash`` is the previous entry's hash ("" for
 the first), so editing, deleting, reordering or appending lines is detected on
-load.  (A hash chain detects accidental or naive edits; an attacker who can
-rewrite the whole file can rebuild the chain.  Signatures over each entry hash
-can be added later: they would be stored in a field listed in
-``HASH_EXCLUDED_FIELDS`` and verified in ``_verify_line``.)
+load.  A hash chain alone detects accidental or naive edits; an attacker who can
+rewrite the whole file can rebuild it.  So a ledger opened with a signing key
+(``signer``, see :mod:`shared.privacy.signing`) also signs each entry's hash
+(``signature``, which the hash excludes; the hash covers ``prev_hash``, so each
+signature covers the chain up to its entry), and after every append rewrites a
+signed *head* beside the ledger (``<name>.head.json``: entry count and last
+hash).  Deleting the last entries then fails too: the head names more entries
+than remain.  :func:`verify_file` checks all of it with only the public key.
 
 The file is only ever opened for appending: each append writes one line,
 flushes and fsyncs, under an exclusive ``flock``, and refuses to write if the
@@ -32,12 +36,16 @@ import json
 import math
 import numbers
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from .accounting import EpsilonReport, SampledGaussian, epsilon_after, epsilon_checked
+from .signing import fingerprint, public_hex, sign, verify
 
 __all__ = [
     "LEVELS",
@@ -47,14 +55,16 @@ __all__ = [
     "PrivacyLedger",
     "canonical_json",
     "entry_hash",
+    "head_path",
+    "read_head",
 ]
 
 LEVELS = ("record", "user")
-HASH_EXCLUDED_FIELDS = ("hash",)  # a future "signature" field goes here too
+HASH_EXCLUDED_FIELDS = ("hash", "signature")
 
 
 def canonical_json(obj: Any) -> str:
-    """The one canonical serialisation used for hashing (and, later, signing)."""
+    """The one canonical serialisation used for hashing and signing."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
@@ -66,6 +76,35 @@ def entry_hash(entry: dict[str, Any]) -> str:
 
 class LedgerError(RuntimeError):
     """The ledger file is corrupt, inconsistent, or an entry is invalid."""
+
+
+def head_path(ledger_path: Path) -> Path:
+    """Where the signed head of a ledger lives: `privacy-ledger.jsonl` -> `privacy-ledger.head.json`."""
+    return ledger_path.with_name(ledger_path.stem + ".head.json")
+
+
+HEAD_FIELDS = ("entries", "last_hash", "ledger", "level", "public_key", "signature")
+
+
+def read_head(ledger_path: Path, public_key: str) -> dict[str, Any] | None:
+    """The ledger's signed head, its signature checked against `public_key`; None if there is none."""
+    path = head_path(ledger_path)
+    if not path.exists():
+        return None
+    try:
+        head = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LedgerError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(head, dict) or set(head) != set(HEAD_FIELDS):
+        raise LedgerError(f"{path}: expected the fields {HEAD_FIELDS}")
+    body = {k: v for k, v in head.items() if k != "signature"}
+    if head["public_key"] != public_key:
+        raise LedgerError(f"{path}: signed by key {fingerprint(head['public_key'])}, expected {fingerprint(public_key)}")
+    if not isinstance(head["signature"], str) or not verify(public_key, head["signature"], canonical_json(body)):
+        raise LedgerError(f"{path}: invalid signature (head edited)")
+    if not isinstance(head["entries"], int) or head["entries"] < 0 or not isinstance(head["last_hash"], str):
+        raise LedgerError(f"{path}: entries must be an integer >= 0 and last_hash a string")
+    return head
 
 
 class BudgetExceeded(RuntimeError):
@@ -100,6 +139,7 @@ class LedgerEntry:
     timestamp: float = 0.0
     prev_hash: str = ""
     hash: str = ""
+    signature: str = ""  # Ed25519 over `hash` by the ledger's key ("" in an unsigned ledger)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -111,7 +151,7 @@ class LedgerEntry:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LedgerEntry))
-_CHAIN_FIELDS = ("prev_hash", "hash")
+_CHAIN_FIELDS = ("prev_hash", "hash", "signature")
 _USER_FIELDS = tuple(f for f in FIELDS if f not in _CHAIN_FIELDS)
 _REQUIRED_USER_FIELDS = tuple(f for f in _USER_FIELDS if f not in ("level", "details", "timestamp"))
 
@@ -172,14 +212,27 @@ def _validate(d: dict[str, Any]) -> list[str]:
 class PrivacyLedger:
     """Append-only JSON Lines ledger of mechanisms at one level ("record" or "user")."""
 
-    def __init__(self, path: Path | str, level: str):
+    def __init__(self, path: Path | str, level: str, signer: Ed25519PrivateKey | None = None,
+                 public_key: str | None = None):
+        """`signer`: the owner's key; entries are signed and the head kept. `public_key` (hex): check
+        every signature and the head against it without being able to write (an auditor)."""
         if level not in LEVELS:
             raise LedgerError(f"level must be one of {LEVELS}, got {level!r}")
         self.path = Path(path)
         self.level = level
+        self.signer = signer
+        self.public_key = public_hex(signer.public_key()) if signer is not None else public_key
+        if signer is not None and public_key is not None and public_key != self.public_key:
+            raise LedgerError(f"{self.path}: the signing key does not match the public key {public_key}")
         self.entries: list[LedgerEntry] = []
         self._size = 0  # bytes of the file as loaded / last written by us
         self._load()
+        if self.public_key is not None:
+            self._check_signatures()
+
+    @property
+    def head_path(self) -> Path:
+        return head_path(self.path)
 
     # ------------------------------------------------------------------ loading
 
@@ -238,7 +291,9 @@ class PrivacyLedger:
     # ---------------------------------------------------------------- appending
 
     def append(self, **fields: Any) -> LedgerEntry:
-        """Validate, chain and durably append one entry; returns it."""
+        """Validate, chain (and sign) and durably append one entry; returns it."""
+        if self.public_key is not None and self.signer is None:
+            raise LedgerError(f"{self.path}: opened to verify (public key only); appending needs the signing key")
         unknown = sorted(set(fields) - set(_USER_FIELDS))
         if unknown:
             raise LedgerError(f"{self.path}: unknown or computed fields {unknown} (prev_hash/hash are computed)")
@@ -274,6 +329,7 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path}: details are not JSON-serialisable: {exc}") from None
         d["prev_hash"] = self.entries[-1].hash if self.entries else ""
         d["hash"] = entry_hash(d)
+        d["signature"] = sign(self.signer, d["hash"]) if self.signer is not None else ""
         line = (canonical_json(d) + "\n").encode("utf-8")
 
         created = not self.path.exists()
@@ -304,7 +360,57 @@ class PrivacyLedger:
         self._size += len(line)
         entry = LedgerEntry(**d)
         self.entries.append(entry)
+        if self.signer is not None:
+            self._write_head()
         return entry
+
+    # ---------------------------------------------------------------- signing
+
+    def _check_signatures(self) -> None:
+        for lineno, entry in enumerate(self.entries, start=1):
+            if not entry.signature:
+                raise self._fail(lineno, "entry is not signed, but this ledger is signed")
+            if not verify(self.public_key, entry.signature, entry.hash):
+                raise self._fail(lineno, f"invalid signature for key {fingerprint(self.public_key)} "
+                                         "(entry rewritten, or signed by another key)")
+        head = read_head(self.path, self.public_key)
+        if head is None:
+            if self.entries:
+                raise self._fail(None, f"signed head {self.head_path.name} is missing")
+            return
+        n, last = head["entries"], head["last_hash"]
+        if head["level"] != self.level or head["ledger"] != self.path.name:
+            raise self._fail(None, f"head belongs to ledger {head['ledger']!r} level {head['level']!r}")
+        if n > len(self.entries) or (n and self.entries[n - 1].hash != last):
+            raise self._fail(
+                None, f"truncated or rolled back: its signed head records {n} entries ending in {last[:16]}..., "
+                      f"the file holds {len(self.entries)}"
+            )
+        if n < len(self.entries):
+            if self.signer is None:
+                raise self._fail(None, f"the signed head records {n} entries, the file holds {len(self.entries)} "
+                                       "(entries appended after the head was last signed)")
+            self._write_head()  # a crash between the two writes: the owner re-signs its own signed entries
+
+    def _write_head(self) -> None:
+        body = {"ledger": self.path.name, "level": self.level, "entries": len(self.entries),
+                "last_hash": self.entries[-1].hash if self.entries else "", "public_key": self.public_key}
+        text = canonical_json({**body, "signature": sign(self.signer, canonical_json(body))}) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.head_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def head(self) -> dict[str, Any]:
+        """The signed head as stored (entry count, last hash, key, signature)."""
+        return json.loads(self.head_path.read_text())
 
     # --------------------------------------------------------------- accounting
 

@@ -1,0 +1,77 @@
+"""`avrec audit verify | report | empirical`: what a privacy auditor runs on a finished run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_run
+
+    v = verify_run(args.run_dir, args.server_key)
+    for warning in v.warnings:
+        print(f"warning: {warning}")
+    if not v.ok:
+        print(f"audit verify FAILED for {v.run_dir}: {len(v.problems)} problem(s)", file=sys.stderr)
+        for problem in v.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    lines = [f"audit verify passed for {v.run_dir}",
+             f"  server key {v.server_key[:16]}...; {len(v.server_entries)} user-level entries; "
+             f"{len(v.devices)} device ledgers ({sum(map(len, v.devices.values()))} entries), every entry signed, "
+             "every chain and head intact, the signed manifest matching"]
+    if v.record_epsilons:
+        from .verify import record_stats
+
+        s = record_stats(list(v.record_epsilons.values()))
+        lines.append(f"  record level, recomputed: epsilon median {s['median']:.4f}, p95 {s['p95']:.4f}, "
+                     f"max {s['max']:.4f} at delta {v.config['delta']:g} (equal to summary.json)")
+    if v.user is not None:
+        lines.append(f"  user level, recomputed: epsilon {v.user.epsilon:.4f} at delta {v.config['user-delta']:g} "
+                     f"(PLD; PRV {v.user.prv:.4f}, RDP {v.user.rdp:.4f}) (equal to the stored values)")
+    print("\n".join(lines))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    paths = write_report(args.run_dir, args.out, args.server_key)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _empirical(args: argparse.Namespace) -> int:
+    from .empirical import run_empirical
+
+    result = run_empirical(level=args.level, canaries=args.canaries, noise_fraction=args.noise_fraction,
+                           seed=args.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register(commands) -> None:
+    audit = commands.add_parser("audit", help="verify, report on and empirically audit a run's privacy claims")
+    sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = sub.add_parser("verify", help="check every ledger chain, signature and head, and recompute every epsilon")
+    verify.add_argument("run_dir", type=Path)
+    verify.add_argument("--server-key", help="the server's Ed25519 public key (hex), from a channel you trust")
+    verify.set_defaults(func=_verify)
+    report = sub.add_parser("report", help="write audit-report.md, audit-report.json and the epsilon-rounds figure")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, help="where to write (default RUN_DIR/audit)")
+    report.add_argument("--server-key", help="the server's Ed25519 public key (hex), from a channel you trust")
+    report.set_defaults(func=_report)
+    emp = sub.add_parser("empirical", help="one-run audit (Steinke, Nasr, Jagielski 2023): an epsilon lower bound")
+    emp.add_argument("--level", choices=("record", "user", "both"), default="both")
+    emp.add_argument("--canaries", type=int, default=1000)
+    emp.add_argument("--noise-fraction", type=float, default=1.0,
+                     help="deliberately break the training: run with this fraction of the claimed noise (0 = none)")
+    emp.add_argument("--seed", type=int, default=0)
+    emp.add_argument("--json", help="also write the results to this file")
+    emp.set_defaults(func=_empirical)

@@ -1,0 +1,68 @@
+"""The run's signed audit manifest, and digests of the configuration and the code.
+
+The server writes `audit-manifest.json` into the run directory when the run ends and signs it with its
+ledger key. It names the server's public key, its ledger's signed head, the last signed head each device
+reported for its own ledger (so a device ledger rolled back together with its head, or deleted, no longer
+matches), how many rounds each client was chosen for, and the SHA-256 of the configuration and of the
+code that ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .ledger import canonical_json
+from .signing import public_hex, sign, verify
+
+MANIFEST_NAME = "audit-manifest.json"
+CODE_PACKAGES = ("shared", "client", "server", "simulations")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ManifestError(RuntimeError):
+    """The manifest is missing, malformed or its signature does not verify."""
+
+
+def code_digest(root: Path = REPO_ROOT) -> str:
+    """SHA-256 over the path and content of every Python file of avrec's packages, and pyproject.toml."""
+    files = sorted(p for pkg in CODE_PACKAGES for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+    files += [root / "pyproject.toml"] if (root / "pyproject.toml").exists() else []
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def config_digest(flat: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a flat run configuration."""
+    return hashlib.sha256(canonical_json(flat).encode()).hexdigest()
+
+
+def write_manifest(run_dir: Path, key: Ed25519PrivateKey, body: dict[str, Any]) -> Path:
+    body = {**body, "public_key": public_hex(key.public_key())}
+    path = Path(run_dir) / MANIFEST_NAME
+    path.write_text(json.dumps({**body, "signature": sign(key, canonical_json(body))}, indent=1, sort_keys=True))
+    return path
+
+
+def read_manifest(run_dir: Path, public_key: str) -> dict[str, Any]:
+    """The manifest, its signature checked against the server's `public_key`."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise ManifestError(f"{path}: missing (the server writes it when a run ends)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    signature = data.pop("signature", "")
+    if data.get("public_key") != public_key:
+        raise ManifestError(f"{path}: names public key {data.get('public_key')!r}, expected the server's {public_key}")
+    if not verify(public_key, signature, canonical_json(data)):
+        raise ManifestError(f"{path}: invalid signature (manifest edited)")
+    return data
