@@ -80,8 +80,12 @@ def train(msg: Message, context: Context) -> Message:
         records["arrays"] = ArrayRecord(reply.delta)
     else:
         records["config"] = ConfigRecord({"reason": reply.declined})
-    head = device.state.ledger_head()
-    if head is not None:  # the server keeps the latest, so a ledger rolled back later no longer matches
-        records["ledger"] = ConfigRecord({"public-key": head["public_key"], "entries": head["entries"],
-                                          "last-hash": head["last_hash"], "signature": head["signature"]})
+    # One signed ledger head per user on this device; the server keeps the latest of each, so a ledger
+    # rolled back later no longer matches.
+    users = device.devices if isinstance(device, DeviceDirectory) else [device]
+    for i, user in enumerate(users):
+        head = user.state.ledger_head()
+        if head is not None:
+            records[f"ledger-{i}"] = ConfigRecord({"public-key": head["public_key"], "entries": head["entries"],
+                                                   "last-hash": head["last_hash"], "signature": head["signature"]})
     return Message(RecordDict(records), reply_to=msg)

@@ -121,10 +121,12 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 continue
             updates.append((source, reply.content["arrays"].to_torch_state_dict()))
         for reply in replies:
-            if not reply.has_error() and "ledger" in reply.content:
-                head = reply.content["ledger"]
-                device_heads[str(head["public-key"])] = {"entries": int(head["entries"]), "last_hash": str(head["last-hash"]),
-                                                         "signature": str(head["signature"])}
+            if reply.has_error():
+                continue
+            for name, head in reply.content.items():
+                if name.startswith("ledger-"):  # one per user on the device (client/app.py)
+                    device_heads[str(head["public-key"])] = {"entries": int(head["entries"]), "last_hash": str(head["last-hash"]),
+                                                             "signature": str(head["signature"])}
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 
         result = aggregate(
