@@ -13,13 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from shared.config import RunConfig
-from shared.data.resolve import resolve_dataset
-from shared.deploy.config import load_deploy_settings
-from shared.deploy.credentials import make_certificates, make_node_key
-from shared.deploy.local import LocalFederation
-from shared.deploy.partition import partition
-from shared.processes import free_port
+from shared.deploy.local import run_on_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = 5
@@ -28,25 +22,8 @@ DEVICES = 5
 def main() -> dict:
     with tempfile.TemporaryDirectory(prefix="avrec-secagg-") as tmp:
         root = Path(tmp)
-        data = partition(resolve_dataset(RunConfig()), root / "data", DEVICES, 1)
-        certs = make_certificates(root / "certs")
-        keys = [make_node_key(root / "keys" / f"device-{k}") for k in range(DEVICES)]
-        settings = load_deploy_settings(table={
-            "federation": {"flwr-home": str(root / "flwr-home")},
-            "superlink": {"port": free_port(), "ca-cert": str(certs.ca_cert), "certificate": str(certs.server_cert),
-                          "private-key": str(certs.server_key)},
-            "run": {"dataset": str(data.catalogue), "out": str(root / "run"), "num-rounds": 2, "dp": "user",
-                    "min-clients": DEVICES, "secure-aggregation": True, "secagg-audit": True},
-        })
-        with LocalFederation(settings, root / "processes") as federation:
-            federation.start_superlink()
-            for key in keys:
-                federation.register(key.public)
-            for k in range(DEVICES):
-                federation.start_supernode(f"supernode-{k}", data_dir=data.devices[k], private_key=keys[k].private)
-            result = federation.run(REPO, timeout=600)
-            if result.returncode != 0:
-                raise RuntimeError(f"flwr run failed: {federation.log('flwr-run').read_text()[-2000:]}")
+        _, settings = run_on_loopback(root, REPO, DEVICES, 1, {
+            "num-rounds": 2, "dp": "user", "secure-aggregation": True, "secagg-audit": True})
         cfg = settings.run
         step = 2 * cfg.user_clip_norm / 2**cfg.secagg_quantization_bits
         rounds = []

@@ -78,3 +78,38 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_on_loopback(root: Path, app_dir: Path, devices: int, users_per_device: int, run: dict) -> tuple:
+    """One secured federation run end to end under `root`: slice MovieLens-100K (or the configured
+    dataset) into `devices` directories, make a CA, SuperLink certificate and device keys, start the
+    TLS SuperLink with node authentication and one SuperNode per device, register the keys, `flwr run`
+    with the `run` settings (their `out` and `dataset` are set here), and stop everything.
+    Returns (the partition, the deployment settings); the run directory is `root / "run"`."""
+    from shared.config import RunConfig
+    from shared.data.resolve import resolve_dataset
+    from shared.deploy.config import load_deploy_settings
+    from shared.deploy.credentials import make_certificates, make_node_key
+    from shared.deploy.partition import partition
+
+    data = partition(resolve_dataset(RunConfig()), root / "data", devices, users_per_device)
+    certs = make_certificates(root / "certs")
+    keys = [make_node_key(root / "keys" / f"device-{k}") for k in range(devices)]
+    settings = load_deploy_settings(table={
+        "federation": {"flwr-home": str(root / "flwr-home")},
+        "superlink": {"port": free_port(), "ca-cert": str(certs.ca_cert), "certificate": str(certs.server_cert),
+                      "private-key": str(certs.server_key)},
+        "run": {"min-clients": devices, **run, "dataset": str(data.catalogue), "out": str(root / "run")},
+    })
+    with LocalFederation(settings, root / "processes") as federation:
+        federation.start_superlink()
+        for key in keys:
+            registered = federation.register(key.public)
+            if registered.returncode != 0:
+                raise RuntimeError(f"registering {key.public} failed: {registered.stderr[-2000:]}")
+        for k in range(devices):
+            federation.start_supernode(f"supernode-{k}", data_dir=data.devices[k], private_key=keys[k].private)
+        result = federation.run(app_dir, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {federation.log('flwr-run').read_text()[-2000:]}")
+    return data, settings
