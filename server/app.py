@@ -9,7 +9,15 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,7 +30,12 @@ from shared.model import build_model, shared_state
 from shared.privacy.accounting import SampledGaussian, epsilon
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.manifest import code_digest, config_digest, write_manifest
-from shared.privacy.participation import EVERYONE, client_histories, participation, user_epsilon
+from shared.privacy.participation import (
+    EVERYONE,
+    client_histories,
+    participation,
+    user_epsilon,
+)
 from shared.privacy.signing import load_or_create_key
 
 app = ServerApp()
@@ -47,6 +60,29 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
     return nodes
 
 
+def open_user_ledger(cfg: RunConfig, out: Path) -> tuple[Ed25519PrivateKey, PrivacyLedger | None]:
+    """The server's signing key and, under user-level DP, its signed ledger (reopened across runs)."""
+    key = load_or_create_key(cfg.server_key_dir or out / "server")
+    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user", signer=key) if cfg.user_dp else None
+    return key, ledger
+
+
+def sign_manifest(
+    out: Path, key: Ed25519PrivateKey, ledger: PrivacyLedger | None, cfg: RunConfig, rounds_run: int,
+    device_heads: dict[str, dict], chosen: dict[str, int],
+) -> None:
+    """The run's signed audit manifest: ledger head, devices' last signed heads, participation, digests."""
+    write_manifest(out, key, {
+        "server_ledger": {"entries": len(ledger.entries), "last_hash": ledger.entries[-1].hash if ledger.entries else ""}
+        if ledger is not None else None,
+        "device_heads": device_heads,
+        "participation": {n: c for n, c in sorted(chosen.items())},
+        "config_sha256": config_digest(cfg.to_flat()),
+        "code_sha256": code_digest(),
+        "rounds_run": rounds_run,
+    })
+
+
 def schedule_allows(cfg: RunConfig, rounds_so_far: int, last: int | None, server_round: int) -> bool:
     """The cap on rounds per client and their minimum separation (used only without amplification)."""
     if cfg.max_rounds_per_client and rounds_so_far >= cfg.max_rounds_per_client:
@@ -69,8 +105,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
     out = Path(cfg.out)
     recorder = RunRecorder(out)
     global_state = initial_model(cfg, dataset_dir)
-    key = load_or_create_key(cfg.server_key_dir or out / "server")
-    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user", signer=key) if cfg.user_dp else None
+    key, ledger = open_user_ledger(cfg, out)
     chosen = participation(ledger.entries) if ledger is not None else {}
     last_round = {str(n): e.round for e in (ledger.entries if ledger else []) for n in e.details.get("participants", ())}
     device_heads: dict[str, dict] = {}
@@ -165,14 +200,6 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         for reason in (declined + result.rejected + failed)[:3]:
             log(WARNING, "avrec: round %d: %s", server_round, reason)
         log(INFO, "%s", recorder.progress_line())
-    write_manifest(out, key, {
-        "server_ledger": {"entries": len(ledger.entries), "last_hash": ledger.entries[-1].hash if ledger.entries else ""}
-        if ledger is not None else None,
-        "device_heads": device_heads,
-        "participation": {n: c for n, c in sorted(chosen.items())},
-        "config_sha256": config_digest(cfg.to_flat()),
-        "code_sha256": code_digest(),
-        "rounds_run": len(recorder.rounds),
-    })
+    sign_manifest(out, key, ledger, cfg, len(recorder.rounds), device_heads, chosen)
     recorder.finish(cfg)
     log(INFO, "avrec: results in %s", out / "federated.json")

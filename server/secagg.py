@@ -13,13 +13,19 @@ to 2**`secagg-quantization-bits` levels with stochastic rounding.
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Context
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
@@ -29,10 +35,10 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from server.aggregate import ServerOptimizer, noised_mean
+from server.app import open_user_ledger, sign_manifest
 from server.records import RunRecorder
 from shared.config import RunConfig
-from shared.privacy.accounting import SampledGaussian
-from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.accounting import SampledGaussian, epsilon
 
 USER_NEIGHBOURING = "add or remove one device (all data on it)"
 
@@ -46,7 +52,8 @@ class SecureDPFedAvg(FedAvg):
         self.global_state = initial
         self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate)
         self.recorder = RunRecorder(out)
-        self.ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user")
+        self.key, self.ledger = open_user_ledger(cfg, out)  # cfg validation: SecAgg+ needs user-level DP
+        self.chosen: dict[str, int] = {}
         self.out = out
         self.started = time.perf_counter()
         super().__init__(
@@ -59,6 +66,15 @@ class SecureDPFedAvg(FedAvg):
     def configure_fit(self, server_round, parameters, client_manager):
         self.started = time.perf_counter()
         self.sampled = client_manager.num_available()
+        cfg = self.cfg
+        after = epsilon([*self.ledger.events(), SampledGaussian(cfg.user_noise_multiplier, 1.0, 1)], cfg.user_delta,
+                        accountant="rdp-fast")
+        if after > cfg.user_epsilon_budget:  # no instructions: the workflow cancels the round
+            if not self.recorder.stop_reason:
+                log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f (RDP bound, delta %g) "
+                    "over the budget %g", server_round, after, cfg.user_delta, cfg.user_epsilon_budget)
+                self.recorder.stopped(f"user-level budget {cfg.user_epsilon_budget} reached before round {server_round}")
+            return []
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
@@ -83,6 +99,8 @@ class SecureDPFedAvg(FedAvg):
                      "secure_aggregation": "secagg+", "num_shares": cfg.secagg_num_shares,
                      "reconstruction_threshold": cfg.secagg_reconstruction_threshold},
         )
+        for proxy, _ in results:
+            self.chosen[proxy.cid] = self.chosen.get(proxy.cid, 0) + 1
         rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
         self.recorder.round(
             server_round, rows, seconds=time.perf_counter() - self.started, sampled=self.sampled, aggregated=n,
@@ -111,4 +129,6 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, initial: dict[str, 
     log(INFO, "avrec: secure aggregation (SecAgg+, %d shares, threshold %d), %d rounds, dp=%s",
         cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold, cfg.num_rounds, cfg.dp)
     workflow(grid, legacy)
+    # SecAgg+ rounds carry no device ledger heads (client/secagg.py): the manifest lists none.
+    sign_manifest(out, strategy.key, strategy.ledger, cfg, len(strategy.recorder.rounds), {}, strategy.chosen)
     strategy.recorder.finish(cfg)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from shared.config import ConfigError, load_config
 from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.signing import read_public
 from shared.processes import descendants
 from simulations.simulate import simulate
 
@@ -59,7 +60,9 @@ def test_round_survives_a_dropout_after_key_sharing(run):
 
 def test_central_noise_is_in_the_server_ledger(run):
     out, cfg, summary = run
-    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user")
+    # Signed like the plain path's ledger: opening with the server's public key checks every signature.
+    ledger = PrivacyLedger(out / "server-ledger.jsonl", level="user", public_key=read_public(out / "server"))
+    assert (out / "audit-manifest.json").is_file()
     assert [e.mechanism for e in ledger.entries] == ["dp-fedavg-secagg"] * 2
     assert ledger.entries[0].details["dropped"] == 1 and ledger.entries[0].clip_norm == cfg.user_clip_norm
     eps = summary["privacy"]["user_level"]["epsilon"]
