@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -1,7 +1,6 @@
 """On-device encoders with their real weights and on real media: images, video, audio, subtitles, and
 what happens to items whose media is corrupt (the files are damaged for real in tmp_path)."""
 
-import shutil
 import wave
 from pathlib import Path
 
