@@ -20,7 +20,9 @@ from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.features import ItemContent
 from shared.metrics import user_metrics
-from shared.model import TwoTower, build_model, history_features, private_state, recent_contexts, shared_state
+from shared.model import (
+    TwoTower, build_model, evaluation_inputs, private_state, shared_state,
+)
 from shared.privacy.accounting import SampledGaussian, epsilon
 from shared.updates import clip_update
 
@@ -66,12 +68,16 @@ class Device:
     def history_sigma(self) -> float:
         return self.cfg.history_noise_multiplier if self.cfg.record_dp else 0.0
 
+    def _release_metadata(self, key: str) -> dict[str, str]:
+        # What a saved release must match to be reused: the same history, noise, and form (a sum).
+        return {"history-key": key, "history-sigma": repr(self.history_sigma), "history-form": "sum"}
+
     def _history(self, saved: dict[str, torch.Tensor], key: str, server_round: int):
-        """The released history summary, and the ledger event it costs now (None when reused)."""
+        """The released history sum, and the ledger event it costs now (None when reused)."""
         meta = self.state.private_metadata()
-        if "history" in saved and meta.get("history-key") == key and meta.get("history-sigma") == repr(self.history_sigma):
+        if "history" in saved and all(meta.get(k) == v for k, v in self._release_metadata(key).items()):
             return saved["history"], None
-        rows = history_features(self.content.features, self.content.mask)
+        rows = self.content.history_rows
         generator = torch.Generator().manual_seed(self._secret_or_seeded(server_round) + 7)
         released = release_history(rows, self.split.train, self.history_sigma, generator)
         return released, (SampledGaussian(self.history_sigma, 1.0, 1) if self.history_sigma > 0 else None)
@@ -128,8 +134,7 @@ class Device:
                          "noise_source": "torch.Generator seeded with 62 bits from the OS CSPRNG"},
             )
         self.state.save_private(
-            {**private_state(model), "history": history},
-            {"history-key": key, "history-sigma": repr(self.history_sigma)},
+            {**private_state(model), "history": history}, self._release_metadata(key)
         )
 
         delta = {k: v - before[k] for k, v in shared_state(model).items()}
@@ -147,7 +152,8 @@ class Device:
     @torch.no_grad()
     def evaluate(self, model: TwoTower, history: torch.Tensor) -> dict[str, float]:
         model.eval()
-        recent = recent_contexts(self.split.train, self.cfg.recent_items)[-1:] if self.cfg.use_recent else None
-        scores = model.score_all(history.reshape(1, -1), recent=recent)[0].numpy()
         s = self.split
-        return user_metrics(scores, s.train, s.val, s.test, s.val_negatives, s.test_negatives)
+        k = self.cfg.recent_items if self.cfg.use_recent else 0
+        histories, recent = evaluation_inputs(history, model.history_rows, s.train, s.val, k)
+        val_scores, test_scores = model.score_all(histories, recent=recent).numpy()
+        return user_metrics(val_scores, s.train, s.val, s.test, s.val_negatives, s.test_negatives, test_scores)

@@ -3,7 +3,9 @@
 The user tower reads the history as the sum of the history items' content rows (`history_features`,
 each of L2 norm at most 1). Adding or removing one interaction moves that sum by at most 1, so Gaussian
 noise of std `sigma` makes the release (sigma)-Gaussian-DP at record level; everything trained from it
-afterwards is post-processing. The release is kept on the device and reused while the history is
+afterwards is post-processing. A training example subtracts its own target's row from the released sum
+(leave-one-out): a function of the release and of that example alone, so DP-SGD's per-example
+sensitivity is unchanged. The release is kept on the device and reused while the history is
 unchanged, so it is charged to the privacy ledger once, not once per round.
 """
 
@@ -13,7 +15,6 @@ import hashlib
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 
 def history_key(train_items: np.ndarray) -> str:
@@ -23,8 +24,8 @@ def history_key(train_items: np.ndarray) -> str:
 def release_history(
     item_rows: torch.Tensor, train_items: np.ndarray, sigma: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Direction of the (noised, when sigma > 0) sum of the history items' rows."""
+    """The sum of the history items' rows, noised when sigma > 0."""
     total = item_rows[torch.as_tensor(np.asarray(train_items), dtype=torch.long)].sum(0)
     if sigma > 0:
         total = total + sigma * torch.randn(total.shape, generator=generator)
-    return F.normalize(total, dim=0)
+    return total

@@ -54,11 +54,12 @@ def example_logits(
     recent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, 1 + K) with the positive in column 0; negatives and ID dropout drawn per example.
-    `history` is (B, H) or (1, H) for one user; `users` indexes private vectors in central training;
-    `recent` (B, k) holds the items before each target (only where `cfg.use_recent`)."""
+    `history` is the history sum, (B, H) or (1, H) for one user: each example leaves its own target out.
+    `users` indexes private vectors in central training; `recent` (B, k) holds the items before each
+    target (only where `cfg.use_recent`)."""
     candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
     keep = torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
-    return model(history.expand(targets.shape[0], -1), candidates, keep, users, recent)
+    return model(history.expand(targets.shape[0], -1), candidates, keep, users, recent, leave_out=targets)
 
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -38,7 +38,7 @@ class RunConfig:
     id_embeddings: str = "auto"
     item_bias: bool = True  # a learned score offset per catalogue item
     id_dropout: float = 0.2  # chance per example to drop ID embeddings, so content alone learns to rank
-    recent_items: int = 5  # the user vector adds the mean vector of this many latest items (0 = off);
+    recent_items: int = 3  # the user vector adds a position-weighted mean of this many latest items (0 = off);
     # never under record-level DP, where it would couple a user's examples
     private_user_vector: bool = True  # per-user vector kept on the device, never sent
     logit_scale: float = 10.0  # cosine similarity times this is the score

@@ -54,6 +54,14 @@ class ItemContent:
     failures: dict = field(default_factory=dict)  # FailureTally.as_dict(): media that could not be decoded
     computed_by: dict = field(default_factory=dict)  # feature key -> vectors computed in this call
 
+    @functools.cached_property
+    def history_rows(self) -> torch.Tensor:
+        """Each item's row of a history sum (`shared.model.history_features`), computed once: every
+        simulated device of a process shares the content and builds its model every round."""
+        from shared.model import history_features
+
+        return history_features(self.features, self.mask)
+
 
 Progress = Callable[[str, int], Any]  # (what, total) -> an object with update(n) and close(), e.g. tqdm
 

@@ -47,23 +47,26 @@ def user_metrics(
     test: int,
     val_negatives: np.ndarray,
     test_negatives: np.ndarray,
+    test_scores: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Every metric of both protocols for one user, keyed `protocol/stage/metric`."""
-    scores = np.asarray(scores, dtype=np.float64)
+    """Every metric of both protocols for one user, keyed `protocol/stage/metric`. `scores` rank the
+    validation item and, unless `test_scores` are given (a model that reads the validation item as history
+    by test time), the test item too."""
     out: dict[str, float] = {}
-    for stage, target, negatives, other_known in (
-        ("val", val, val_negatives, test),
-        ("test", test, test_negatives, val),
+    for stage, target, negatives, other_known, stage_scores in (
+        ("val", val, val_negatives, test, scores),
+        ("test", test, test_negatives, val, scores if test_scores is None else test_scores),
     ):
-        rank = rank_of(scores[target], scores[negatives])
+        ranked = np.asarray(stage_scores, dtype=np.float64)
+        rank = rank_of(ranked[target], ranked[negatives])
         for name, value in protocol_metrics("sampled-99", rank).items():
             out[f"sampled-99/{stage}/{name}"] = value
-        masked = scores.copy()
+        masked = ranked.copy()
         masked[train] = -np.inf
         masked[target] = -np.inf
         if stage == "test":
             masked[other_known] = -np.inf  # the validation item is known by test time
-        rank = rank_of(scores[target], masked)
+        rank = rank_of(ranked[target], masked)
         for name, value in protocol_metrics("full", rank).items():
             out[f"full/{stage}/{name}"] = value
     return out

@@ -6,8 +6,11 @@ plus a learned item-ID embedding for items in the training catalogue -> L2-norma
 Items outside the catalogue, or with their ID dropped, are represented by content alone (cold start).
 
 User tower: a summary of the user's history in content space (released with Gaussian noise under
-record-level DP, see `client.history`) through a trainable projection, plus an optional private
-per-user vector -> L2-normalised user vector. Score = logit_scale * cosine(user, item) + a learned per-item offset (catalogue items only).
+record-level DP, see `client.history`) through a trainable projection, plus (where the privacy mode
+allows) a position-weighted mean of the item vectors of the user's latest items, plus an optional private
+per-user vector -> L2-normalised user vector. In training, each example's history leaves out its own
+target, so the tower learns to predict an item it has not been shown, as at serving time.
+Score = logit_scale * cosine(user, item) + a learned per-item offset (catalogue items only).
 
 Every trainable parameter sits in an `nn.Linear` or `nn.Embedding`, the layers for which Opacus computes
 exact per-sample gradients and norms (ghost clipping); single vectors (modality weights, the private
@@ -96,23 +99,35 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    def __init__(self, history_dim: int, dim: int, private_vector: bool = True, n_users: int = 1) -> None:
-        """A device holds one private vector (`n_users=1`); central training holds one per user."""
+    def __init__(
+        self, history_dim: int, dim: int, private_vector: bool = True, n_users: int = 1, recent_items: int = 0
+    ) -> None:
+        """A device holds one private vector (`n_users=1`); central training holds one per user.
+        `recent_items` > 0 adds one learned weight per position of the latest items (oldest first)."""
         super().__init__()
         self.history = nn.Linear(history_dim, dim, bias=False)
+        self.recent_weights = nn.Embedding(1, recent_items) if recent_items else None
+        if self.recent_weights is not None:
+            nn.init.ones_(self.recent_weights.weight)
         self.user_vector = nn.Embedding(n_users, dim) if private_vector else None
         if self.user_vector is not None:
             nn.init.normal_(self.user_vector.weight, std=0.1)
 
     def forward(
-        self, history: torch.Tensor, users: torch.Tensor | None = None, recent: torch.Tensor | None = None
+        self,
+        history: torch.Tensor,
+        users: torch.Tensor | None = None,
+        recent: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`history` (B, history_dim): each example's copy of its user's history summary; `users` (B,)
-        indexes the private vectors (all 0 on a device); `recent` (B, dim): the mean item vector of the
-        user's most recent items, where the privacy mode allows it (see `TwoTower.forward`)."""
+        """`history` (B, history_dim): each example's history summary; `users` (B,) indexes the private
+        vectors (all 0 on a device); `recent`: the item vectors (B, k, dim) of the user's latest items and
+        their validity (B, k), where the privacy mode allows them (see `TwoTower.forward`)."""
         user = self.history(history)
-        if recent is not None:
-            user = user + recent
+        if recent is not None and self.recent_weights is not None:
+            vectors, valid = recent
+            zero = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+            weights = self.recent_weights(zero) * valid  # (B, k): one row, looked up per example for Opacus
+            user = user + (weights.unsqueeze(-1) * vectors).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
         if self.user_vector is not None:
             if users is None:
                 users = torch.zeros(history.shape[0], dtype=torch.long, device=history.device)
@@ -132,10 +147,16 @@ class TwoTower(nn.Module):
         logit_scale: float = 10.0,
         n_users: int = 1,
         item_bias: bool = True,
+        recent_items: int = 0,
+        history_rows: torch.Tensor | None = None,
     ) -> None:
+        """`history_rows`: `history_features(content, content_mask)`, when the caller has it already."""
         super().__init__()
         self.items = ItemTower(content, content_mask, n_catalogue, dim, id_embeddings, item_bias)
-        self.users = UserTower(history_dim(content), dim, private_vector, n_users)
+        self.users = UserTower(history_dim(content), dim, private_vector, n_users, recent_items)
+        if history_rows is None:
+            history_rows = history_features(content, content_mask)
+        self.register_buffer("history_rows", history_rows, persistent=False)
         self.logit_scale = logit_scale
 
     def forward(
@@ -145,23 +166,32 @@ class TwoTower(nn.Module):
         id_keep: torch.Tensor | None = None,
         users: torch.Tensor | None = None,
         recent: torch.Tensor | None = None,
+        leave_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scores (B, C) of candidate items (B, C) for users given by history summaries (B, H).
+        """Scores (B, C) of candidate items (B, C) for users given by history sums (B, H).
         `id_keep` (B,) bool drops the ID embeddings of an example's candidates where False.
+        `leave_out` (B,) an item each example's history drops (its own target, in training).
         `recent` (B, K) item indices (-1 = padding) of the items just before each example: their item
         vectors join the user vector. It couples examples of the same user, so record-level DP-SGD never
         passes it (its sensitivity would not be the clip norm); without DP or under user-level DP it may."""
-        user = self.users(history, users, self.recent_vector(recent))
+        user = self.user_vectors(history, users, recent, leave_out)
         keep = None if id_keep is None else id_keep.unsqueeze(-1).expand_as(candidates)
         item = self.items(candidates, keep)
         return self.logit_scale * torch.einsum("bd,bcd->bc", user, item) + self.items.offset(candidates, keep)
 
-    def recent_vector(self, recent: torch.Tensor | None) -> torch.Tensor | None:
-        if recent is None:
-            return None
-        valid = (recent >= 0).unsqueeze(-1).float()
-        vectors = self.items(recent.clamp(min=0)) * valid
-        return vectors.sum(1) / valid.sum(1).clamp(min=1.0)
+    def user_vectors(
+        self,
+        history: torch.Tensor,
+        users: torch.Tensor | None = None,
+        recent: torch.Tensor | None = None,
+        leave_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if leave_out is not None:
+            history = history - self.history_rows[leave_out]
+        context = None
+        if recent is not None and self.users.recent_weights is not None:
+            context = (self.items(recent.clamp(min=0)), (recent >= 0).float())
+        return self.users(F.normalize(history, dim=-1), users, context)
 
     @torch.no_grad()
     def score_all(
@@ -171,8 +201,8 @@ class TwoTower(nn.Module):
         users: torch.Tensor | None = None,
         recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scores (B, n_items) of every item for each history summary (B, H)."""
-        user = self.users(history, users, self.recent_vector(recent))
+        """Scores (B, n_items) of every item for each history sum (B, H)."""
+        user = self.user_vectors(history, users, recent)
         all_items = torch.arange(self.items.n_items)
         keep = None if use_ids else torch.zeros_like(all_items, dtype=torch.bool)
         return self.logit_scale * user @ self.items(all_items, keep).T + self.items.offset(all_items, keep)
@@ -191,6 +221,8 @@ def build_model(content, n_catalogue: int, cfg, n_users: int = 1) -> TwoTower:
         logit_scale=cfg.logit_scale,
         item_bias=cfg.item_bias,
         n_users=n_users,
+        recent_items=cfg.recent_items if cfg.use_recent else 0,
+        history_rows=content.history_rows,
     )
 
 
@@ -200,6 +232,19 @@ def recent_contexts(sequence: np.ndarray, k: int) -> torch.Tensor:
     padded = np.concatenate([np.full(k, -1, dtype=np.int64), np.asarray(sequence, dtype=np.int64)])
     rows = [padded[i : i + k] for i in range(len(sequence) + 1)]
     return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+def evaluation_inputs(
+    history: torch.Tensor, rows: torch.Tensor, train: np.ndarray, val: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """History sums (2, H) and recent contexts (2, k) (None when k = 0) for ranking the validation item
+    (row 0: the training history) and the test item (row 1: the validation item joins the history and
+    becomes the latest item, since the user had it by then). `history` is the training history's sum."""
+    histories = torch.stack([history.reshape(-1), history.reshape(-1) + rows[val]])
+    if not k:
+        return histories, None
+    recent = torch.cat([recent_contexts(train, k)[-1:], recent_contexts(np.append(train, val), k)[-1:]])
+    return histories, recent
 
 
 def history_dim(content: Mapping[str, torch.Tensor]) -> int:

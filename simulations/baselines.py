@@ -18,14 +18,18 @@ from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.features import ItemContent
 from shared.metrics import mean_metrics, table, user_metrics
-from shared.model import build_model, history_features, recent_contexts
+from shared.model import build_model, evaluation_inputs, recent_contexts
 from server.records import SELECT_BY
 
 
-def evaluate_scores(scores: np.ndarray, users: Sequence[UserSplit]) -> dict[str, float]:
-    """Mean metrics over users; `scores` is (n_users, n_items) in the order of `users`."""
+def evaluate_scores(
+    scores: np.ndarray, users: Sequence[UserSplit], test_scores: np.ndarray | None = None
+) -> dict[str, float]:
+    """Mean metrics over users; `scores` (and `test_scores`, see `user_metrics`) are (n_users, n_items)
+    in the order of `users`."""
     return mean_metrics(
-        user_metrics(scores[i], u.train, u.val, u.test, u.val_negatives, u.test_negatives)
+        user_metrics(scores[i], u.train, u.val, u.test, u.val_negatives, u.test_negatives,
+                     None if test_scores is None else test_scores[i])
         for i, u in enumerate(users)
     )
 
@@ -52,22 +56,25 @@ def central(
 
     The first `n_items` items are the training catalogue (ID embeddings, offsets, negatives); content rows
     after them are items never trained on, scored from content alone. With `keep_scores` the result holds
-    `scores`, every user's scores of every item (content rows) at the selected epoch."""
+    `scores`, every user's scores of every item (content rows) from the training history at the selected
+    epoch."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(content, n_items, cfg, n_users=len(users))  # every private vector in one table
-    rows = history_features(content.features, content.mask)
+    rows = content.history_rows
     histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
     user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
     targets = torch.cat([torch.as_tensor(u.train, dtype=torch.long) for u in users])
     k = cfg.recent_items if cfg.use_recent else 0
-    contexts = [recent_contexts(u.train, k) for u in users] if k else None
-    train_recent = torch.cat([c[:-1] for c in contexts]) if k else None
-    eval_recent = torch.cat([c[-1:] for c in contexts]) if k else None
+    train_recent = torch.cat([recent_contexts(u.train, k)[:-1] for u in users]) if k else None
+    # Per user two rows: rank the validation item, then the test item (see `evaluation_inputs`).
+    evaluation = [evaluation_inputs(histories[i], rows, u.train, u.val, k) for i, u in enumerate(users)]
+    eval_histories = torch.cat([h for h, _ in evaluation])
+    eval_recent = torch.cat([r for _, r in evaluation]) if k else None
+    eval_users = torch.arange(len(users)).repeat_interleave(2)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = torch.nn.CrossEntropyLoss()
-    all_users = torch.arange(len(users))
     best = None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -83,10 +90,11 @@ def central(
             loss.backward()
             optimizer.step()
         model.eval()
-        scores = model.score_all(
-            histories, users=all_users if cfg.private_user_vector else None, recent=eval_recent
+        both = model.score_all(
+            eval_histories, users=eval_users if cfg.private_user_vector else None, recent=eval_recent
         ).numpy()
-        metrics = evaluate_scores(scores, users)
+        scores = both[0::2]
+        metrics = evaluate_scores(scores, users, both[1::2])
         if best is None or metrics[SELECT_BY] > best[1][SELECT_BY]:
             weights = dict(zip(model.items.modalities, model.items.modality_weights().tolist()))
             best = (epoch, metrics, weights, scores if keep_scores else None)

@@ -40,6 +40,18 @@ def test_user_metrics_on_a_hand_built_ranking():
     assert m["full/test/recall@20"] == 1.0
 
 
+def test_test_scores_rank_the_test_item_and_leave_validation_alone():
+    n = 30
+    scores = np.arange(n, dtype=float)[::-1].copy()
+    train, val, test = np.array([0, 1, 2]), 5, 14
+    val_neg, test_neg = np.array([3, 4, 20, 21]), np.array([25, 26])
+    test_scores = scores.copy()
+    test_scores[25] = 100.0  # only the test ranking sees this: one negative above the test item -> rank 1
+    m = user_metrics(scores, train, val, test, val_neg, test_neg, test_scores)
+    assert m["sampled-99/test/ndcg@10"] == pytest.approx(1 / math.log2(3))
+    assert m["sampled-99/val/ndcg@10"] == pytest.approx(1 / math.log2(4))  # as without test_scores
+
+
 def test_mean_and_table():
     rows = [{"full/test/hr@10": 1.0, "full/test/ndcg@10": 0.5}, {"full/test/hr@10": 0.0, "full/test/ndcg@10": 0.0}]
     mean = mean_metrics(rows)

@@ -18,8 +18,8 @@ def make_model():
     content = {"text": F.normalize(torch.randn(N_ITEMS, 16), dim=-1)}
     mask = torch.ones(N_ITEMS, 1)
     model = TwoTower(content, mask, N_ITEMS, dim=8)
-    history = history_features(content, mask)[:10].sum(0, keepdim=True)
-    return model, F.normalize(history, dim=-1)
+    history = history_features(content, mask)[:10].sum(0, keepdim=True)  # the history sum, as released
+    return model, history
 
 
 def clipped_sum(model, history, logits_fn, keep_rows):
@@ -42,7 +42,8 @@ def test_sampled_negatives_keep_the_sensitivity_at_the_clip_norm():
     candidates = sample_candidates(targets, N_ITEMS, 5, g)  # drawn per example, once
 
     def loss(m, h, rows):
-        logits = m(h.expand(len(rows), -1), candidates[rows])
+        # as in training: each example's history leaves out its own target
+        logits = m(h.expand(len(rows), -1), candidates[rows], leave_out=targets[rows])
         return F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long), reduction="sum")
 
     full, norms = clipped_sum(model, history, loss, torch.arange(B))
