@@ -153,7 +153,7 @@ class Device:
     def evaluate(self, model: TwoTower, history: torch.Tensor) -> dict[str, float]:
         model.eval()
         s = self.split
-        k = self.cfg.recent_items if self.cfg.use_recent else 0
-        histories, recent = evaluation_inputs(history, model.history_rows, s.train, s.val, k)
+        # Ranking stays on the device, so it may use the latest items even under record-level DP.
+        histories, recent = evaluation_inputs(history, model.history_rows, s.train, s.val, self.cfg.recent_items)
         val_scores, test_scores = model.score_all(histories, recent=recent).numpy()
         return user_metrics(val_scores, s.train, s.val, s.test, s.val_negatives, s.test_negatives, test_scores)

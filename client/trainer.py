@@ -56,7 +56,7 @@ def example_logits(
     """Logits (B, 1 + K) with the positive in column 0; negatives and ID dropout drawn per example.
     `history` is the history sum, (B, H) or (1, H) for one user: each example leaves its own target out.
     `users` indexes private vectors in central training; `recent` (B, k) holds the items before each
-    target (only where `cfg.use_recent`)."""
+    target (only where `cfg.train_recent`)."""
     candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
     keep = torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
     return model(history.expand(targets.shape[0], -1), candidates, keep, users, recent, leave_out=targets)
@@ -90,7 +90,7 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     history = history.reshape(1, -1).float()
     tensors = [targets]
-    if cfg.use_recent:  # never under record-level DP (see shared.model.TwoTower.forward)
+    if cfg.train_recent:  # never under record-level DP (see shared.model.TwoTower.forward)
         tensors.append(recent_contexts(train_items, cfg.recent_items)[:-1])
     loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True, generator=generator)
     model.train()

@@ -90,6 +90,24 @@ def schedule_allows(cfg: RunConfig, rounds_so_far: int, last: int | None, server
     return last is None or server_round - last >= cfg.min_round_separation
 
 
+def send_and_receive(grid: Grid, messages: list[Message], in_flight: int, poll_seconds: float = 0.05) -> list[Message]:
+    """The replies to `messages`, keeping at most `in_flight` (0 = all) of them sent and unanswered, and
+    sending the next as each reply arrives. Like `Grid.send_and_receive`, it waits until every message has
+    a reply (Flower answers an unreachable node with an error reply)."""
+    in_flight = in_flight or len(messages)
+    queue, waiting, replies = list(reversed(messages)), set(), []
+    while queue or waiting:
+        if queue and len(waiting) < in_flight:
+            batch = [queue.pop() for _ in range(min(in_flight - len(waiting), len(queue)))]
+            waiting.update(grid.push_messages(batch))
+        received = list(grid.pull_messages(list(waiting)))
+        replies += received
+        waiting -= {r.metadata.reply_to_message_id for r in received}
+        if not received:
+            time.sleep(poll_seconds)
+    return replies
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_flat(context.run_config)
@@ -141,7 +159,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 break
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": server_round})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
-        replies = list(grid.send_and_receive(messages)) if messages else []
+        replies = send_and_receive(grid, messages, cfg.messages_in_flight)
 
         updates, metric_rows, declined, failed = [], [], [], []
         for reply in replies:

@@ -211,7 +211,7 @@ class TwoTower(nn.Module):
 def build_model(content, n_catalogue: int, cfg, n_users: int = 1) -> TwoTower:
     """The two towers for an `ItemContent` and a `RunConfig`, as devices, server and baselines build them
     (`n_users` private vectors: one on a device, one per user in central training)."""
-    return TwoTower(
+    model = TwoTower(
         content.features,
         content.mask,
         n_catalogue,
@@ -221,9 +221,14 @@ def build_model(content, n_catalogue: int, cfg, n_users: int = 1) -> TwoTower:
         logit_scale=cfg.logit_scale,
         item_bias=cfg.item_bias,
         n_users=n_users,
-        recent_items=cfg.recent_items if cfg.use_recent else 0,
+        recent_items=cfg.recent_items,
         history_rows=content.history_rows,
     )
+    if model.users.recent_weights is not None and not cfg.train_recent:
+        # Record-level DP: the recent items join the user vector only when the device serves, with the
+        # initial equal weights (training them would need the coupled examples DP-SGD cannot take).
+        model.users.recent_weights.requires_grad_(False)
+    return model
 
 
 def recent_contexts(sequence: np.ndarray, k: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def central(
     histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
     user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
     targets = torch.cat([torch.as_tensor(u.train, dtype=torch.long) for u in users])
-    k = cfg.recent_items if cfg.use_recent else 0
+    k = cfg.recent_items if cfg.train_recent else 0
     train_recent = torch.cat([recent_contexts(u.train, k)[:-1] for u in users]) if k else None
     # Per user two rows: rank the validation item, then the test item (see `evaluation_inputs`).
     evaluation = [evaluation_inputs(histories[i], rows, u.train, u.val, k) for i, u in enumerate(users)]

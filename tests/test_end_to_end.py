@@ -22,6 +22,7 @@ def run(tmp_path_factory):
     cfg = load_config(overrides={
         "dataset": str(data), "out": str(root / "run"), "cache-dir": str(root / "cache"),
         "num-rounds": 4, "eval-negatives": 49, "dp": "record", "server-learning-rate": 10.0,
+        "messages-in-flight": 5,  # fewer than the 24 clients: the server refills its window as replies come
     })
     summary = simulate(cfg, log=lambda *_: None)
     return root / "run", summary

@@ -68,3 +68,11 @@ def test_recent_items_are_weighted_per_position():
     expected = users.history(torch.nn.functional.normalize(history, dim=-1)) + model.items(torch.tensor([2])) / 2
     expected = torch.nn.functional.normalize(expected + users.user_vector.weight, dim=-1)
     assert torch.allclose(model.user_vectors(history, recent=recent), expected, atol=1e-6)
+
+
+def test_under_record_dp_the_recent_items_serve_with_fixed_weights():
+    model = build_model(content(), 20, RunConfig(dp="record", recent_items=2))
+    assert not model.users.recent_weights.weight.requires_grad
+    assert torch.equal(model.users.recent_weights.weight, torch.ones(1, 2))
+    history = model.history_rows[[1, 2]].sum(0, keepdim=True)
+    assert not torch.allclose(model.user_vectors(history), model.user_vectors(history, recent=torch.tensor([[1, 2]])))
