@@ -6,8 +6,9 @@ plus a learned item-ID embedding for items in the training catalogue -> L2-norma
 Items outside the catalogue, or with their ID dropped, are represented by content alone (cold start).
 
 User tower: a summary of the user's history in content space (released with Gaussian noise under
-record-level DP, see `client.history`) through a trainable projection, plus (where the privacy mode
-allows) a position-weighted mean of the item vectors of the user's latest items, plus an optional private
+record-level DP, see `client.history`) through a trainable projection, plus a position-weighted mean of
+the item vectors of the user's latest items (trained where the privacy mode allows, fixed equal weights
+under record-level DP, where they join only when the device ranks), plus an optional private
 per-user vector -> L2-normalised user vector. In training, each example's history leaves out its own
 target, so the tower learns to predict an item it has not been shown, as at serving time.
 Score = logit_scale * cosine(user, item) + a learned per-item offset (catalogue items only).
