@@ -127,7 +127,7 @@ class UserTower(nn.Module):
         if recent is not None and self.recent_weights is not None:
             vectors, valid = recent
             zero = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
-            weights = self.recent_weights(zero) * valid  # (B, k): one row, looked up per example for Opacus
+            weights = self.recent_weights(zero) * valid  # (B, k): an Embedding row, like every parameter here (see top)
             user = user + (weights.unsqueeze(-1) * vectors).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
         if self.user_vector is not None:
             if users is None:
