@@ -45,8 +45,10 @@ class RunConfig:
 
     # Local training (on each device)
     num_negatives: int = 8  # sampled negatives per training example (per example, never in-batch)
-    local_epochs: int = 1
-    batch_size: int = 16  # expected batch size; under DP-SGD the sampling rate is batch_size / n
+    local_epochs: int = 1  # without record-level DP; under it the step count is record-steps
+    # Without record-level DP the mini-batch size. Under it the fixed divisor of each step's summed clipped
+    # gradients (a nominal expected batch): never the user's own int(n * q), which would leak n.
+    batch_size: int = 16
     learning_rate: float = 0.5
     private_learning_rate: float = 0.5  # learning rate of the private user vector
 
@@ -69,6 +71,15 @@ class RunConfig:
     delta: float = 1e-5  # record level, per client
     epsilon_budget: float = 20.0  # record level, per client: a client declines a round that would exceed it
     history_noise_multiplier: float = 4.0  # record level: Gaussian noise on the user's history summary
+    # Record level: the shape of each round's DP-SGD is fixed, never derived from the user's interaction
+    # count n (a rate, step count or divisor from n leaks n: NOTES.md 6). Each step Poisson-samples every
+    # interaction with probability record-sample-rate; a round runs record-steps steps.
+    record_sample_rate: float = 0.25
+    record_steps: int = 4
+    # Record level: a device releases its noised history summary in its first round and then every this
+    # many rounds (0 = only once), whether or not its history changed, so the ledger's length reveals
+    # nothing about the history
+    history_refresh_rounds: int = 0
     grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks (fastest measured here for this model) or ghost
     user_noise_multiplier: float = 1.0  # user level (DP-FedAvg on the server)
     user_clip_norm: float = 1.0
@@ -107,11 +118,16 @@ class RunConfig:
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.grad_sample_mode not in ("ghost", "hooks"):
             raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
-        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds", "video_frames"):
+        for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds", "video_frames",
+                     "record_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a positive integer")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train = {self.fraction_train}: expected 0 < value <= 1")
+        if not 0.0 < self.record_sample_rate <= 1.0:
+            raise ConfigError(f"record-sample-rate = {self.record_sample_rate}: expected 0 < value <= 1")
+        if self.history_refresh_rounds < 0:
+            raise ConfigError(f"history-refresh-rounds = {self.history_refresh_rounds}: expected >= 0 (0 = release once)")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ConfigError(f"id-dropout = {self.id_dropout}: expected 0 <= value < 1")
         for name in ("delta", "user_delta"):
