@@ -76,6 +76,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     reply = device.train_round(msg.content["arrays"].to_torch_state_dict(), server_round)
     records: dict = {"metrics": MetricRecord(reply.metrics)}
+    if isinstance(device, Device) and reply.evaluation:
+        # A simulated device: its evaluation goes to the harness in a record of its own. A deployed device
+        # (DeviceDirectory) never sends it.
+        records["harness"] = MetricRecord(reply.evaluation)
     if reply.delta is not None:
         records["arrays"] = ArrayRecord(reply.delta)
     else:

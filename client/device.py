@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from client.history import history_key, release_history
+from client.history import release_history
 from client.sampling import SOURCE as SAMPLING_SOURCE
 from client.state import DeviceState
-from client.trainer import local_steps, train_local
+from client.trainer import train_local
 from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.features import ItemContent
@@ -26,14 +26,21 @@ from shared.model import (
 from shared.privacy.accounting import SampledGaussian, epsilon
 from shared.updates import clip_update
 
-NEIGHBOURING = "add or remove one interaction of this user"
+NEIGHBOURING = ("add or remove one interaction of this user (the interaction count is protected too: "
+                "DP-SGD's sampling rate, steps and divisor and the history-release schedule are fixed)")
 
 
 @dataclass
 class Reply:
+    """What a device sends (`delta`, `metrics`, `declined`) and, apart from it, what only a simulation's
+    evaluation harness may read (`evaluation`). Under DP nothing that depends on the user's records may be
+    sent unless noised and accounted, so `metrics` then holds only whether the device declined, which
+    depends only on its ledger (mechanisms fixed by the configuration and its participation)."""
+
     delta: dict[str, torch.Tensor] | None  # shared weights after minus before; None if declined
     metrics: dict[str, float] = field(default_factory=dict)
     declined: str = ""
+    evaluation: dict[str, float] = field(default_factory=dict)  # harness only under DP; never sent by a deployed device
 
 
 def _seed(*parts: object) -> int:
@@ -68,19 +75,61 @@ class Device:
     def history_sigma(self) -> float:
         return self.cfg.history_noise_multiplier if self.cfg.record_dp else 0.0
 
-    def _release_metadata(self, key: str) -> dict[str, str]:
-        # What a saved release must match to be reused: the same history, noise, and form (a sum).
-        return {"history-key": key, "history-sigma": repr(self.history_sigma), "history-form": "sum"}
+    def _release_metadata(self, server_round: int) -> dict[str, str]:
+        # What a saved release must match to be reused (noise and form: public), and when it was made.
+        return {"history-sigma": repr(self.history_sigma), "history-form": "sum", "history-round": str(server_round)}
 
-    def _history(self, saved: dict[str, torch.Tensor], key: str, server_round: int):
-        """The released history sum, and the ledger event it costs now (None when reused)."""
-        meta = self.state.private_metadata()
-        if "history" in saved and all(meta.get(k) == v for k, v in self._release_metadata(key).items()):
-            return saved["history"], None
+    def _release_due(self, meta: dict[str, str], server_round: int) -> bool:
+        """Whether this round releases the history: the first round, then every `history-refresh-rounds`.
+        The schedule never looks at the history itself (a release when it changed would tell the server
+        that it changed), so a history that grew is used through its last release until the next one."""
+        if meta.get("history-sigma") != repr(self.history_sigma) or meta.get("history-form") != "sum":
+            return True
+        every = self.cfg.history_refresh_rounds
+        return bool(every) and server_round - int(meta.get("history-round", server_round)) >= every
+
+    def _history(self, saved: dict[str, torch.Tensor], server_round: int):
+        """The history sum as training reads it, the ledger event it costs now (None when the last release
+        is reused), and the metadata to save with it. Without record-level DP: the exact sum, every round."""
         rows = self.content.history_rows
+        if self.history_sigma == 0:
+            exact = release_history(rows, self.split.train, 0.0, torch.Generator())
+            return exact, None, self._release_metadata(server_round)
+        meta = self.state.private_metadata()
+        if "history" in saved and not self._release_due(meta, server_round):
+            return saved["history"], None, meta
         generator = torch.Generator().manual_seed(self._secret_or_seeded(server_round) + 7)
         released = release_history(rows, self.split.train, self.history_sigma, generator)
-        return released, (SampledGaussian(self.history_sigma, 1.0, 1) if self.history_sigma > 0 else None)
+        return released, SampledGaussian(self.history_sigma, 1.0, 1), self._release_metadata(server_round)
+
+    def _round_events(self, history_event: SampledGaussian | None) -> list[SampledGaussian]:
+        events = [history_event] if history_event else []
+        if self.cfg.record_dp:
+            events.append(SampledGaussian(self.cfg.noise_multiplier, self.cfg.record_sample_rate, self.cfg.record_steps))
+        return events
+
+    def _record(self, server_round: int, history_event: SampledGaussian | None) -> None:
+        """The round's record-level mechanisms in the ledger: each entry is fixed by the configuration and
+        the round alone (no example count, nothing from the data), so its hash and the head's entry count
+        reveal nothing beyond participation."""
+        cfg = self.cfg
+        if history_event:
+            self.state.ledger.append(
+                level="record", round=server_round, mechanism="gaussian-history-release",
+                noise_multiplier=history_event.noise_multiplier, sample_rate=1.0, steps=1,
+                clip_norm=1.0, sampling="none", amplification=False, neighbouring=NEIGHBOURING,
+                details={"sensitivity": "each history row has L2 norm <= 1",
+                         "refresh_rounds": cfg.history_refresh_rounds},
+            )
+        self.state.ledger.append(
+            level="record", round=server_round, mechanism="dp-sgd",
+            noise_multiplier=cfg.noise_multiplier, sample_rate=cfg.record_sample_rate,
+            steps=cfg.record_steps, clip_norm=cfg.clip_norm, sampling="poisson-csprng", amplification=True,
+            neighbouring=NEIGHBOURING,
+            details={"divisor": cfg.batch_size, "grad_sample_mode": cfg.grad_sample_mode,
+                     "sampling_source": SAMPLING_SOURCE,
+                     "noise_source": "torch.Generator seeded with 62 bits from the OS CSPRNG"},
+        )
 
     def train_round(self, global_state: dict[str, torch.Tensor], server_round: int) -> Reply:
         cfg = self.cfg
@@ -88,66 +137,42 @@ class Device:
         saved = self.state.load_private()
         private = {k: v for k, v in saved.items() if k != "history"}
         model.load_state_dict({**private_state(model), **private, **global_state}, strict=True)
-        key = history_key(self.split.train)
-        history, history_event = self._history(saved, key, server_round)
+        history, history_event, release_meta = self._history(saved, server_round)
 
-        n = len(self.split.train)
-        new_events = [history_event] if history_event else []
         if cfg.record_dp:
-            rate, steps = local_steps(n, cfg)
-            new_events.append(SampledGaussian(cfg.noise_multiplier, rate, steps))
-            # RDP is an upper bound on the tight epsilon and fast: a device may stop a round early,
-            # never late. The reported epsilon is the tight (PLD) value.
-            after = epsilon(self.state.ledger.events() + new_events, cfg.delta, accountant="rdp-fast")
+            # RDP is an upper bound on the tight epsilon and fast: a device may stop a round early, never
+            # late. The round's events do not depend on the data, so neither does the decision.
+            after = epsilon(self.state.ledger.events() + self._round_events(history_event), cfg.delta,
+                            accountant="rdp-fast")
             if after > cfg.epsilon_budget:
-                # It still reports how the model it serves ranks its held-out items (as every device
-                # does; outside the guarantee), so round metrics cover every sampled device. Only a
-                # history released before may be used: a new release would cost budget.
-                metrics = self.evaluate(model, history) if history_event is None else {}
+                # Only a history released before may be used to evaluate: a new release would cost budget.
+                evaluation = self.evaluate(model, history) if history_event is None else {}
                 return Reply(
-                    None,
-                    {**metrics, "declined": 1.0},
+                    None, {"declined": 1.0},
                     f"user {self.user_id}: round {server_round} would raise record-level epsilon to "
                     f"{after:.3f} (RDP bound, delta {cfg.delta}) over the budget {cfg.epsilon_budget}",
+                    evaluation,
                 )
-        if history_event:
-            self.state.ledger.append(
-                level="record", round=server_round, mechanism="gaussian-history-release",
-                noise_multiplier=history_event.noise_multiplier, sample_rate=1.0, steps=1,
-                clip_norm=1.0, sampling="none", amplification=False, neighbouring=NEIGHBOURING,
-                details={"sensitivity": "each history row has L2 norm <= 1"},
-            )
+            self._record(server_round, history_event)
 
         before = {k: v.clone() for k, v in shared_state(model).items()}
         result = train_local(
             model, self.split.train, history, cfg, self._secret_or_seeded(server_round), cfg.record_dp
         )
-        if cfg.record_dp:
-            self.state.ledger.append(
-                level="record", round=server_round, mechanism="dp-sgd",
-                noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
-                steps=result.steps, clip_norm=cfg.clip_norm, sampling="poisson-csprng", amplification=True,
-                neighbouring=NEIGHBOURING,
-                details={"examples": result.examples, "grad_sample_mode": cfg.grad_sample_mode,
-                         "batch_size": cfg.batch_size, "local_epochs": cfg.local_epochs,
-                         "sampling_source": SAMPLING_SOURCE,
-                         "noise_source": "torch.Generator seeded with 62 bits from the OS CSPRNG"},
-            )
-        self.state.save_private(
-            {**private_state(model), "history": history}, self._release_metadata(key)
-        )
+        self.state.save_private({**private_state(model), "history": history}, release_meta)
 
         delta = {k: v - before[k] for k, v in shared_state(model).items()}
         # The device serves the global weights it received with its freshly trained private vector: the
         # shared weights it trained locally carry this round's DP noise, which only averaging removes.
         model.load_state_dict(before, strict=False)
-        metrics = self.evaluate(model, history)
-        metrics["train-loss"] = result.loss
-        metrics["declined"] = 0.0
+        evaluation = {**self.evaluate(model, history), "train-loss": result.loss}
         if cfg.user_dp:
             # Clipped on the device, so the same update works under secure aggregation.
             delta = clip_update(delta, cfg.user_clip_norm)
-        return Reply(delta, metrics)
+        # Without DP the device may report how it ranks its held-out items and its loss; under DP these
+        # depend on its records (the loss, the masked training items, the latest items), so they stay here.
+        sent = {} if cfg.dp != "none" else dict(evaluation)
+        return Reply(delta, {**sent, "declined": 0.0}, evaluation=evaluation)
 
     @torch.no_grad()
     def evaluate(self, model: TwoTower, history: torch.Tensor) -> dict[str, float]:

@@ -55,6 +55,7 @@ class DeviceDirectory:
     def train_round(self, global_state: dict[str, torch.Tensor], server_round: int) -> Reply:
         replies = [d.train_round(global_state, server_round) for d in self.devices]
         sent = [r.delta for r in replies if r.delta is not None]
+        # Only what each user's device may send (Reply.metrics); their harness results never leave here.
         scored = [{k: v for k, v in r.metrics.items() if "/" in k} for r in replies]
         metrics = mean_metrics(m for m in scored if m)
         losses = [r.metrics["train-loss"] for r in replies if "train-loss" in r.metrics]

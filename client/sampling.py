@@ -25,12 +25,11 @@ class CsprngPoissonSampler(UniformWithReplacementSampler):
             yield [i for i in range(self.num_samples) if rng.random() < self.sample_rate]
 
 
-def csprng_loader(dp_loader: DataLoader) -> DataLoader:
-    """The same batches as Opacus's DPDataLoader (its empty-batch collate included), sampled by the CSPRNG."""
-    sampler = dp_loader.batch_sampler
+def csprng_loader(dp_loader: DataLoader, sample_rate: float, steps: int) -> DataLoader:
+    """Opacus's DPDataLoader batches (its empty-batch collate included), Poisson-sampled by the CSPRNG at
+    the given rate for the given number of steps (both independent of the data)."""
     return DataLoader(
         dp_loader.dataset,
-        batch_sampler=CsprngPoissonSampler(num_samples=sampler.num_samples, sample_rate=sampler.sample_rate,
-                                           steps=sampler.steps),
+        batch_sampler=CsprngPoissonSampler(num_samples=len(dp_loader.dataset), sample_rate=sample_rate, steps=steps),
         collate_fn=dp_loader.collate_fn,
     )

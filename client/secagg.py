@@ -19,6 +19,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from safetensors.torch import save_file
 
+from client.device import Device
 from shared.config import from_flat
 
 
@@ -54,6 +55,8 @@ def train_legacy(msg: Message, device, state_root: Path) -> Message:
     if device.cfg.secagg_audit:
         # Kept on the device's own disk, never sent: lets a test compare the secure sum with the plain one.
         save_file({k: delta[k].contiguous() for k in keys}, str(state_root / f"sent-round-{server_round}.safetensors"))
+    # A simulated device (a Device, not a deployed DeviceDirectory) also hands its evaluation to the harness.
+    metrics = {**reply.metrics, **(reply.evaluation if isinstance(device, Device) else {})}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([delta[k].numpy() for k in keys]), 1,
-                 {k: float(v) for k, v in reply.metrics.items()})
+                 {k: float(v) for k, v in metrics.items()})
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)

@@ -11,7 +11,6 @@ that example alone, which is what DP-SGD's sensitivity bound (the clip norm) ass
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -27,9 +26,9 @@ from shared.model import TwoTower, is_private, recent_contexts
 
 @dataclass(frozen=True)
 class TrainResult:
-    examples: int
+    examples: int  # stays on the device: the ledger never records it
     steps: int
-    sample_rate: float  # Poisson sampling rate of DP-SGD (batch_size / examples), 0 without DP
+    sample_rate: float  # Poisson sampling rate of DP-SGD (record-sample-rate), 0 without DP
     noise_multiplier: float  # 0 without DP
     loss: float
 
@@ -80,7 +79,11 @@ def train_local(
     dp: bool,
     after_backward=None,
 ) -> TrainResult:
-    """Train `model` in place on the user's training interactions for `cfg.local_epochs` epochs.
+    """Train `model` in place on the user's training interactions: `cfg.local_epochs` epochs of
+    shuffled mini-batches, or under DP-SGD `cfg.record_steps` steps, each Poisson-sampling every
+    interaction at `cfg.record_sample_rate` and dividing its summed clipped gradients plus noise by the
+    fixed `cfg.batch_size`. Rate, steps and divisor are the same for every user, so the noise the update
+    carries says nothing about how many interactions the user has.
 
     `after_backward(optimizer)`, if given, runs between each backward pass and optimizer step: the
     empirical privacy audit (`shared.privacy.empirical`) injects its canary gradients there."""
@@ -97,15 +100,14 @@ def train_local(
     optimizer = _optimizer(model, cfg)
     criterion: nn.Module = nn.CrossEntropyLoss()
     sample_rate, sigma = 0.0, 0.0
+    epochs = cfg.local_epochs
     if dp:
         from opacus import PrivacyEngine
 
-        sample_rate, _ = local_steps(n, cfg)
-        sigma = cfg.noise_multiplier
+        sample_rate, sigma, epochs = cfg.record_sample_rate, cfg.noise_multiplier, 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns that secure_mode is off: stated in the docs
             engine = PrivacyEngine(accountant="prv")
-            # Poisson sampling at rate 1 / ceil(n / batch_size): the sampling the ledger records.
             made = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -121,13 +123,12 @@ def train_local(
             model, optimizer, criterion, loader = made
         else:
             model, optimizer, loader = made
-        if abs(loader.sample_rate - sample_rate) > 1e-12:
-            raise RuntimeError(
-                f"Opacus sampled at rate {loader.sample_rate}, the ledger expects {sample_rate}"
-            )
-        loader = csprng_loader(loader)  # the Poisson mask from the OS CSPRNG (client.sampling)
+        # Opacus derives the rate (1 / len(loader)), the step count and the divisor (int(n * rate)) from
+        # n, which would leak n: replace all three by the configured, data-independent ones.
+        optimizer.expected_batch_size = cfg.batch_size
+        loader = csprng_loader(loader, sample_rate, cfg.record_steps)
     steps, total, seen = 0, 0.0, 0
-    for _ in range(cfg.local_epochs):
+    for _ in range(epochs):
         for batch, *context in loader:
             optimizer.zero_grad(set_to_none=True)
             if batch.numel() == 0:
@@ -161,11 +162,3 @@ def _noise_only_step(optimizer) -> None:
                 p.grad = noise / optimizer.expected_batch_size
     optimizer.original_optimizer.step()
 
-
-def local_steps(n_examples: int, cfg: RunConfig) -> tuple[float, int]:
-    """The DP-SGD Poisson sampling rate and step count of one round of local training.
-
-    As Opacus derives them: rate 1 / ceil(n / batch_size), and ceil(n / batch_size) steps per epoch.
-    """
-    batches = math.ceil(n_examples / cfg.batch_size)
-    return 1.0 / batches, cfg.local_epochs * batches

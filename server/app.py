@@ -168,6 +168,8 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 failed.append(f"{source}: {reply.error.reason}")
                 continue
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            if "harness" in reply.content:  # a simulated device's evaluation (client/app.py)
+                metrics.update(reply.content["harness"])
             metric_rows.append(metrics)
             if metrics.get("declined"):
                 declined.append(f"{source}: {reply.content['config'].get('reason', '')}" if "config" in reply.content else source)

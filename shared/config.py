@@ -147,10 +147,11 @@ class RunConfig:
                 "max-rounds-per-client and min-round-separation apply only where amplification is not "
                 f"claimed (fraction-train = 1), got fraction-train = {self.fraction_train}"
             )
-        if self.record_dp and (self.noise_multiplier <= 0 or self.clip_norm <= 0):
+        if self.record_dp and (self.noise_multiplier <= 0 or self.clip_norm <= 0 or self.history_noise_multiplier <= 0):
             raise ConfigError(
-                f"dp = {self.dp!r} needs noise-multiplier > 0 and clip-norm > 0 "
-                f"(got {self.noise_multiplier}, {self.clip_norm})"
+                f"dp = {self.dp!r} needs noise-multiplier > 0, clip-norm > 0 and history-noise-multiplier > 0 "
+                f"(got {self.noise_multiplier}, {self.clip_norm}, {self.history_noise_multiplier}): without noise "
+                "the mechanism gives no guarantee"
             )
         if self.secure_aggregation:
             if not self.user_dp:

@@ -101,7 +101,8 @@ def test_two_rounds_over_tls_with_authenticated_nodes(deployment):
     rounds = [json.loads(line) for line in (root / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["clients_aggregated"] == 3 and r["clients_failed"] == 0 for r in rounds), rounds
-    assert all("sampled-99/test/hr@10" in r["metrics"] and r["train_loss"] > 0 for r in rounds)
+    # Under record-level DP a deployed device sends no evaluation and no loss: they depend on its records.
+    assert all(r["metrics"] == {} and r["train_loss"] is None for r in rounds), rounds
     trained = load_file(root / "run" / "global_model.safetensors")
     initial = initial_model(settings.run, str(data.catalogue))
     assert trained.keys() == initial.keys()

@@ -37,7 +37,16 @@ def test_only_shared_weights_leave_and_private_state_persists(world):
     assert any(float(v.abs().sum()) > 0 for v in reply.delta.values())
     saved = device.state.load_private()
     assert "users.user_vector.weight" in saved and "history" in saved
-    assert set(reply.metrics) >= {"sampled-99/test/hr@10", "full/test/recall@20", "train-loss"}
+    # Under DP the evaluation and the loss depend on the user's records: the harness may read them, the
+    # device sends only whether it declined.
+    assert reply.metrics == {"declined": 0.0}
+    assert set(reply.evaluation) >= {"sampled-99/test/hr@10", "full/test/recall@20", "train-loss"}
+
+
+def test_without_dp_the_device_reports_its_evaluation(world):
+    device, global_state = make(world, "f", dp="none")
+    reply = device.train_round(global_state, 1)
+    assert set(reply.metrics) >= {"sampled-99/test/hr@10", "full/test/recall@20", "train-loss", "declined"}
 
 
 def test_ledger_continues_across_runs_and_history_is_charged_once(world):
@@ -66,12 +75,12 @@ def test_user_level_dp_clips_the_update_on_the_device(world):
     assert device.state.ledger.entries == []  # no record-level mechanism ran
 
 
-def test_a_declining_device_still_reports_its_metrics_once_its_history_is_released(world):
+def test_a_declining_device_still_evaluates_for_the_harness_once_its_history_is_released(world):
     device, global_state = make(world, "e")
     device.train_round(global_state, 1)
     spent = device.state.ledger.epsilon(1e-5).epsilon
     tight, _ = make(world, "e", epsilon_budget=spent + 0.01)
     reply = tight.train_round(global_state, 2)
-    assert reply.delta is None and reply.metrics["declined"] == 1.0
-    assert "sampled-99/test/hr@10" in reply.metrics
+    assert reply.delta is None and reply.metrics == {"declined": 1.0}
+    assert "sampled-99/test/hr@10" in reply.evaluation
     assert len(tight.state.ledger.entries) == 2  # nothing charged for the declined round

@@ -130,15 +130,16 @@ def _content(n_items: int, dim: int, generator: torch.Generator):
 
 
 def record_level(canaries: int = 1000, noise_fraction: float = 1.0, seed: int = 0, examples: int = 200,
-                 noise_multiplier: float = 2.0, local_epochs: int = 8, delta: float = 1e-5,
+                 noise_multiplier: float = 2.0, steps: int = 104, sample_rate: float = 1 / 13, delta: float = 1e-5,
                  embedding_dim: int = 64) -> dict[str, Any]:
     """White-box gradient canaries in one device's DP-SGD (avrec's model, Opacus, `train_local`)."""
-    from client.trainer import local_steps, train_local
+    from client.trainer import train_local
     from shared.config import RunConfig
     from shared.model import build_model
 
     g = torch.Generator().manual_seed(seed)
-    cfg = RunConfig(dp="record", noise_multiplier=noise_multiplier, local_epochs=local_epochs, embedding_dim=embedding_dim)
+    cfg = RunConfig(dp="record", noise_multiplier=noise_multiplier, record_steps=steps, record_sample_rate=sample_rate,
+                    embedding_dim=embedding_dim)
     content = _content(300, 32, g)
     torch.manual_seed(seed)
     model = build_model(content, 300, cfg)
@@ -146,7 +147,7 @@ def record_level(canaries: int = 1000, noise_fraction: float = 1.0, seed: int = 
     before = _flat(params).clone()
     items = torch.randint(0, 300, (examples,), generator=g).numpy()
     history = torch.nn.functional.normalize(torch.randn(1, 32, generator=g), dim=-1)
-    rate, steps = local_steps(examples, cfg)
+    rate = cfg.record_sample_rate
     injector = GradientCanaries(_random_units(canaries, before.numel(), g),
                                 np.array([secrets.randbits(1) == 1 for _ in range(canaries)]), rate, cfg.clip_norm,
                                 noise_fraction)

@@ -18,13 +18,14 @@ from .participation import client_histories, participation, user_epsilon
 from .verify import Verification, record_stats, verify_run
 
 OUTSIDE = [
-    "the evaluation metrics each device sends to the server every round (HR, NDCG, Recall on its held-out "
-    "items, its training loss, whether it declined): sent in the clear, not privatised",
+    "without DP only: the evaluation metrics each device sends every round (HR, NDCG, Recall on its "
+    "held-out items, its training loss); under DP a device sends none of them, only whether it declined "
+    "(a function of its ledger, i.e. of its participation); in simulation the harness reads them directly",
     "the choice of hyperparameters (noise multipliers, clip norms, learning rates, rounds) and of the best "
     "round by validation HR@10: made on the same users' data, outside the accounted mechanisms",
     "the evaluation of the final model (the test metrics of the table)",
-    "the number of examples a device holds, which sets its DP-SGD sampling rate and step count: visible in "
-    "its ledger and its epsilon, not hidden",
+    "the time a device takes to answer: DP-SGD's cost grows with its expected batch (record-sample-rate x its "
+    "number of interactions), although the rate, steps, divisor and ledger do not depend on that number",
     "DP noise drawn by torch's generator seeded with 62 bits from the OS CSPRNG (Opacus's secure_mode needs "
     "torchcsprng, which has no build here): sound against an adversary who cannot recover that seed",
 ]
@@ -80,7 +81,8 @@ def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any
                          "protected at record level from everything that leaves the device, users at user level "
                          "from the aggregated global models",
             "public": "the population size and each round's participants (node ids), which set the DP-FedAvg "
-                      "denominator; each device's number of examples, which sets its DP-SGD sampling rate",
+                      "denominator; never a device's number of interactions (DP-SGD's rate, steps and divisor "
+                      "are fixed by the configuration)",
             "secure_aggregation_settings": secure_agg,
         },
         "outside_the_guarantee": OUTSIDE,
