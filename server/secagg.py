@@ -7,13 +7,15 @@ mean over the devices whose masked vectors arrived; times their count that is th
 DP is DP-FedAvg as without SecAgg: updates clipped to `user-clip-norm` on the device, Gaussian noise
 added to the sum here (`server.aggregate.noised_mean`), a fixed denominator, one ledger entry per round.
 SecAgg+ quantises each coordinate within [-user-clip-norm, user-clip-norm] (a clipped update lies there)
-to 2**`secagg-quantization-bits` levels with stochastic rounding.
+to 2**`secagg-quantization-bits` levels with stochastic rounding, and sums modulo 2**32: a round whose
+devices x 2**bits reaches that wraps, so it is refused (`shared.privacy.secagg_plan`), and the rounding
+inflates each device's sensitivity, so the ledger records the correspondingly smaller noise multiplier.
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,8 @@ from server.app import open_user_ledger, sign_manifest
 from server.records import RunRecorder
 from shared.config import RunConfig
 from shared.privacy.accounting import SampledGaussian, epsilon
+from shared.privacy.secagg_plan import (FLOWER_MODULUS, SecAggPlan, SecAggRangeError, effective_noise_multiplier,
+                                        effective_sensitivity, plan)
 
 USER_NEIGHBOURING = "add or remove one device (all data on it)"
 
@@ -56,6 +60,13 @@ class SecureDPFedAvg(FedAvg):
         self.chosen: dict[str, int] = {}
         self.out = out
         self.started = time.perf_counter()
+        # Rounding inflates one device's sensitivity from C to C + sqrt(d) * step whatever the device count.
+        self.dimension = sum(int(v.numel()) for v in initial.values())
+        unit = plan(1, cfg.secagg_quantization_bits, cfg.user_clip_norm)
+        self.sensitivity = effective_sensitivity(unit, self.dimension)
+        self.noise_multiplier = effective_noise_multiplier(cfg.user_noise_multiplier, unit, self.dimension)
+        self.plan: SecAggPlan | None = None  # this round's, set in configure_fit
+        self.refused = False
         super().__init__(
             fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_clients, min_evaluate_clients=0,
             min_available_clients=cfg.min_clients, accept_failures=True,
@@ -63,11 +74,19 @@ class SecureDPFedAvg(FedAvg):
             on_fit_config_fn=lambda r: {"server-round": r, "keys": "\n".join(self.keys)},
         )
 
+    def refuse(self, when: str, exc: SecAggRangeError) -> None:
+        """Stop the run: parameters under which the secure sum can wrap are never used."""
+        log(ERROR, "avrec: SecAgg+ %s refused: %s", when, exc)
+        self.refused = True
+        self.recorder.stopped(f"SecAgg+ {when} refused: {exc}")
+
     def configure_fit(self, server_round, parameters, client_manager):
+        if self.refused:
+            return []  # a refused run stays stopped
         self.started = time.perf_counter()
         self.sampled = client_manager.num_available()
         cfg = self.cfg
-        after = epsilon([*self.ledger.events(), SampledGaussian(cfg.user_noise_multiplier, 1.0, 1)], cfg.user_delta,
+        after = epsilon([*self.ledger.events(), SampledGaussian(self.noise_multiplier, 1.0, 1)], cfg.user_delta,
                         accountant="rdp-fast")
         if after > cfg.user_epsilon_budget:  # no instructions: the workflow cancels the round
             if not self.recorder.stop_reason:
@@ -75,7 +94,13 @@ class SecureDPFedAvg(FedAvg):
                     "over the budget %g", server_round, after, cfg.user_delta, cfg.user_epsilon_budget)
                 self.recorder.stopped(f"user-level budget {cfg.user_epsilon_budget} reached before round {server_round}")
             return []
-        return super().configure_fit(server_round, parameters, client_manager)
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        try:  # every instructed device may send a masked vector: all of them count towards the wrap
+            self.plan = plan(len(instructions), cfg.secagg_quantization_bits, cfg.user_clip_norm)
+        except SecAggRangeError as exc:
+            self.refuse(f"round {server_round}", exc)
+            return []
+        return instructions
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
@@ -93,11 +118,15 @@ class SecureDPFedAvg(FedAvg):
         self.global_state = self.optimizer.step(self.global_state, delta)
         self.ledger.append(
             level="user", round=server_round, mechanism="dp-fedavg-secagg",
-            noise_multiplier=cfg.user_noise_multiplier, sample_rate=1.0, steps=1, clip_norm=cfg.user_clip_norm,
+            noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1, clip_norm=cfg.user_clip_norm,
             sampling="all-clients", amplification=False, neighbouring=USER_NEIGHBOURING,
             details={"population": self.sampled, "aggregated": n, "dropped": self.sampled - n, "denominator": expected,
                      "secure_aggregation": "secagg+", "num_shares": cfg.secagg_num_shares,
-                     "reconstruction_threshold": cfg.secagg_reconstruction_threshold},
+                     "reconstruction_threshold": cfg.secagg_reconstruction_threshold,
+                     # accounted: noise std (configured sigma x C) over the rounded update's sensitivity
+                     "configured_noise_multiplier": cfg.user_noise_multiplier,
+                     "noise_std": cfg.user_noise_multiplier * cfg.user_clip_norm,
+                     "secagg": self.plan.details(self.dimension, n)},
         )
         for proxy, _ in results:
             self.chosen[proxy.cid] = self.chosen.get(proxy.cid, 0) + 1
@@ -121,14 +150,22 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, initial: dict[str, 
         fit_workflow=SecAggPlusWorkflow(
             num_shares=cfg.secagg_num_shares,
             reconstruction_threshold=cfg.secagg_reconstruction_threshold,
-            max_weight=1.0,
+            max_weight=1.0,  # = each device's weight: its factor is exactly 2**bits (secagg_plan)
             clipping_range=cfg.user_clip_norm,
             quantization_range=2**cfg.secagg_quantization_bits,
+            modulus_range=FLOWER_MODULUS,
         )
     )
-    log(INFO, "avrec: secure aggregation (SecAgg+, %d shares, threshold %d), %d rounds, dp=%s",
-        cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold, cfg.num_rounds, cfg.dp)
-    workflow(grid, legacy)
+    log(INFO, "avrec: secure aggregation (SecAgg+, %d shares, threshold %d), %d rounds, dp=%s; rounding makes the "
+        "sensitivity %.6g (clip %g), accounted noise multiplier %.6g", cfg.secagg_num_shares,
+        cfg.secagg_reconstruction_threshold, cfg.num_rounds, cfg.dp, strategy.sensitivity, cfg.user_clip_norm,
+        strategy.noise_multiplier)
+    try:  # before any round: the devices the run waits for, or already has, must not wrap the sum
+        plan(max(cfg.min_clients, len(list(grid.get_node_ids()))), cfg.secagg_quantization_bits, cfg.user_clip_norm)
+    except SecAggRangeError as exc:
+        strategy.refuse("run", exc)
+    else:
+        workflow(grid, legacy)
     # SecAgg+ rounds carry no device ledger heads (client/secagg.py): the manifest lists none.
     sign_manifest(out, strategy.key, strategy.ledger, cfg, len(strategy.recorder.rounds), {}, strategy.chosen)
     strategy.recorder.finish(cfg)
