@@ -280,7 +280,7 @@ def _check_history_schedule(v: Verification, path: Path, entries: Sequence[Ledge
     """A device that trains releases its history summary in its first round, then again exactly when
     history-refresh-rounds (> 0) rounds have passed since its last release: a data-independent schedule."""
     refresh = v.config.get("history-refresh-rounds") or 0
-    source = f"history-refresh-rounds = {refresh} ({v.configured('history-refresh-rounds')})"
+    source = f"history-refresh-rounds = {refresh} in the configuration, {v.config_source}"
     last: int | None = None
     for i, e in enumerate(entries, start=1):
         due = last is None or (refresh > 0 and e.round - last >= refresh)
