@@ -20,7 +20,7 @@ from .ledger import canonical_json
 from .signing import public_hex, sign, verify
 
 MANIFEST_NAME = "audit-manifest.json"
-CODE_PACKAGES = ("shared", "client", "server", "simulations")
+CODE_PACKAGES = ("client", "server", "shared")  # the code the ServerApp and ClientApp run
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,12 +28,29 @@ class ManifestError(RuntimeError):
     """The manifest is missing, malformed or its signature does not verify."""
 
 
+def code_files(root: Path = REPO_ROOT) -> list[Path]:
+    """The files the code digest covers, sorted by path relative to `root`: the `.py` files of the app's
+    packages, without __pycache__, hidden directories and test modules (`test_*.py`, `*_test.py`, which
+    Flower leaves out of the app it installs). Nothing else: not pyproject.toml, which Flower rewrites when
+    it builds the app, nor any file Flower adds (`.info/`), nor the checkout's other files. So the copy
+    Flower installs and the checkout it came from give the same digest."""
+    files = []
+    for pkg in CODE_PACKAGES:
+        for path in (root / pkg).rglob("*.py"):
+            parts = path.relative_to(root).parts
+            if any(p == "__pycache__" or p.startswith(".") for p in parts):
+                continue
+            if path.name.startswith("test_") or path.name.endswith("_test.py") or not path.is_file():
+                continue
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
 def code_digest(root: Path = REPO_ROOT) -> str:
-    """SHA-256 over the path and content of every Python file of avrec's packages, and pyproject.toml."""
-    files = sorted(p for pkg in CODE_PACKAGES for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
-    files += [root / "pyproject.toml"] if (root / "pyproject.toml").exists() else []
+    """SHA-256 over the relative path and content of every file of `code_files(root)`, independent of where
+    the packages are installed."""
     digest = hashlib.sha256()
-    for path in files:
+    for path in code_files(root):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

@@ -15,7 +15,7 @@ import numpy as np
 from .accounting import RDP_ORDERS, SampledGaussian, _rdp_total, epsilon_checked, normalise
 from .manifest import code_digest, config_digest
 from .participation import client_histories, participation, user_epsilon
-from .verify import Verification, record_stats, verify_run
+from .verify import DP_FEDAVG_SECAGG, Verification, record_stats, verify_run
 
 OUTSIDE = [
     "without DP only: the evaluation metrics each device sends every round (HR, NDCG, Recall on its "
@@ -29,6 +29,66 @@ OUTSIDE = [
     "DP noise drawn by torch's generator seeded with 62 bits from the OS CSPRNG (Opacus's secure_mode needs "
     "torchcsprng, which has no build here): sound against an adversary who cannot recover that seed",
 ]
+
+
+SELF_ATTESTATION = (
+    "the ledgers are self-attested: a signature proves who wrote a record, not which noise ran. Each device "
+    "records its own DP-SGD and history releases and the server its own DP-FedAvg rounds, so beyond the "
+    "signatures an auditor must trust the device code that ran (and, for the user-level noise, the server code "
+    "that ran: the code digest in the manifest is the server's own statement of it) and the OS CSPRNG that drew "
+    "the sampling and seeded the noise. The empirical audit (`avrec audit empirical`) can refute a claim but "
+    "never prove one"
+)
+
+
+def secure_aggregation_ran(v: Verification) -> bool:
+    """Secure aggregation ran only where the configuration turned it on and every server ledger entry records
+    a SecAgg+ round; SecAgg settings alone (they always have defaults) say nothing."""
+    return (v.config.get("secure-aggregation") is True and bool(v.server_entries)
+            and all(e.mechanism == DP_FEDAVG_SECAGG for e in v.server_entries))
+
+
+def threat_model(v: Verification) -> dict[str, Any]:
+    """What the server sees, whom each level protects against, what is public and what must be trusted,
+    derived from what ran (the verified ledgers and the configuration), never from settings alone."""
+    dp = v.config.get("dp", "none")
+    record_dp, user_dp, secagg = dp in ("record", "both"), dp in ("user", "both"), secure_aggregation_ran(v)
+    never = "never the device's data, private user vector or history summary"
+    if secagg:
+        sees = ("only the sum of each round's clipped, quantised updates (SecAgg+ secure aggregation ran: "
+                "secure-aggregation = true and every server ledger entry is dp-fedavg-secagg), before it adds the "
+                f"noise; never an individual update; {never}")
+    else:
+        noised = ", each already noised on the device by record-level DP-SGD" if record_dp else ""
+        clipped = "clipped " if user_dp else ""
+        sees = (f"every device's {clipped}shared-weight update in clear{noised} (no secure aggregation ran in this "
+                f"run); {never}")
+    protects = []
+    if record_dp:
+        protects.append("record-level DP protects each interaction against everything that leaves the device, "
+                        "the server included: the device clips and noises before it sends")
+    if user_dp:
+        seen = ("the exact sum of the clipped updates before it adds the noise" if secagg
+                else "every clipped update in clear")
+        protects.append(f"user-level DP protects each user against everyone who sees the released global models, "
+                        f"not against the server: the server sees {seen}")
+    if not protects:
+        protects.append("no differential privacy ran: nothing is protected by DP")
+    public = []
+    if user_dp:
+        public.append("the population size and each round's participant set (node ids): the fixed DP-FedAvg "
+                      "denominator counts the participant set, which is treated as public")
+    if record_dp:
+        public.append("the shape of DP-SGD (record-sample-rate, record-steps, the batch-size divisor) and the "
+                      "history-release schedule, fixed by the configuration for every device, independent of its data")
+    return {
+        "server_sees": sees,
+        "secure_aggregation_ran": secagg,
+        "protects": protects,
+        "public": "; ".join(public) or "nothing beyond the run's configuration and the released models",
+        "self_attestation": SELF_ATTESTATION,
+        "secure_aggregation_settings": {k: val for k, val in v.config.items() if "secagg" in k or "secure" in k},
+    }
 
 
 def rho_bound(events: list[SampledGaussian]) -> tuple[float, str]:
@@ -68,23 +128,11 @@ def _ranges(values: list[float]) -> Any:
 def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any]:
     v = verify_run(run_dir, server_key)
     cfg = v.config
-    secure_agg = {k: val for k, val in cfg.items() if "secagg" in k or "secure" in k}
     facts: dict[str, Any] = {
         "run_dir": str(v.run_dir),
         "verification": {"passed": v.ok, "problems": v.problems, "warnings": v.warnings},
         "dp": cfg.get("dp"),
-        "threat_model": {
-            "server_sees": "only the sum of the clipped updates (secure aggregation)" if any(secure_agg.values())
-            else "each device's shared-weight update individually (no secure aggregation in this run); never the "
-                 "device's data, private user vector or history summary",
-            "adversary": "the server and anyone who sees the released global models; devices' records are "
-                         "protected at record level from everything that leaves the device, users at user level "
-                         "from the aggregated global models",
-            "public": "the population size and each round's participants (node ids), which set the DP-FedAvg "
-                      "denominator; never a device's number of interactions (DP-SGD's rate, steps and divisor "
-                      "are fixed by the configuration)",
-            "secure_aggregation_settings": secure_agg,
-        },
+        "threat_model": threat_model(v),
         "outside_the_guarantee": OUTSIDE,
         "accountants": {"reported": f"PLD, dp-accounting {importlib.metadata.version('dp-accounting')}",
                         "cross_checks": f"PRV and RDP, opacus {importlib.metadata.version('opacus')}",
@@ -239,9 +287,10 @@ def markdown(facts: dict[str, Any], figure: str) -> str:
              "from the signed ledgers (`avrec audit verify`), not taken from the run's own summaries."]
     lines += [f"- problem: {p}" for p in ver["problems"]] + [f"- warning: {w}" for w in ver["warnings"]]
     lines += ["", f"DP mode: `{facts['dp']}`. {facts['note'].capitalize()}.", "", "## Threat model", "",
-              f"- The server sees {facts['threat_model']['server_sees']}.",
-              f"- Adversary: {facts['threat_model']['adversary']}.",
-              f"- Treated as public: {facts['threat_model']['public']}.", ""]
+              f"- The server sees {facts['threat_model']['server_sees']}."]
+    lines += [f"- {x[0].upper()}{x[1:]}." for x in facts["threat_model"]["protects"]]
+    lines += [f"- Treated as public: {facts['threat_model']['public']}.",
+              f"- Trust: {facts['threat_model']['self_attestation']}.", ""]
     for level, title in (("record", "Record level (on each device)"), ("user", "User level (on the server)")):
         f = facts["levels"].get(level)
         if not f:
