@@ -21,6 +21,7 @@ from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
 from shared.features import EncoderSettings, load_cached
+from shared.secure import noised_share
 
 app = ClientApp()
 torch.set_num_threads(1)  # simulated devices run side by side; one thread each was fastest here
@@ -67,6 +68,18 @@ def state_root(device: Device | DeviceDirectory) -> Path:
     return device.state_dir if isinstance(device, DeviceDirectory) else device.state.root
 
 
+def secure_share(reply, global_state: dict[str, torch.Tensor], msg: Message, cfg: RunConfig, simulated: bool) -> torch.Tensor:
+    """trust-model = secure: the update as a noise share (zeros for a device that declined: its share of the
+    noise still counts). Unmasked, only a simulation's harness may carry it; a deployed device refuses."""
+    if not simulated:
+        raise RuntimeError(
+            "trust-model = secure on the deployment engine needs its shares masked by secure aggregation, which this "
+            "ClientApp does not run yet: the device refuses to send an unmasked share (use trust-model = central)")
+    update = reply.delta if reply.delta is not None else {k: torch.zeros_like(v) for k, v in global_state.items()}
+    config = msg.content["config"]
+    return noised_share(update, cfg, int(config["secure-expected"]), int(config["secure-rotation-seed"]))
+
+
 @app.train(mods=[secure_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg = from_flat(context.run_config)
@@ -74,15 +87,19 @@ def train(msg: Message, context: Context) -> Message:
     if is_legacy_fit(msg):  # a SecAgg+ round (secure-aggregation = true): see client/secagg.py
         return train_legacy(msg, device, state_root(device))
     server_round = int(msg.content["config"]["server-round"])
-    reply = device.train_round(msg.content["arrays"].to_torch_state_dict(), server_round)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    reply = device.train_round(global_state, server_round)
     records: dict = {"metrics": MetricRecord(reply.metrics)}
-    if isinstance(device, Device) and reply.evaluation:
+    simulated = isinstance(device, Device)
+    if simulated and reply.evaluation:
         # A simulated device: its evaluation goes to the harness in a record of its own. A deployed device
         # (DeviceDirectory) never sends it.
         records["harness"] = MetricRecord(reply.evaluation)
-    if reply.delta is not None:
+    if cfg.trust_model == "secure":
+        records["arrays"] = ArrayRecord({"share": secure_share(reply, global_state, msg, cfg, simulated)})
+    elif reply.delta is not None:
         records["arrays"] = ArrayRecord(reply.delta)
-    else:
+    if reply.delta is None:
         records["config"] = ConfigRecord({"reason": reply.declined})
     # One signed ledger head per user on this device; the server keeps the latest of each, so a ledger
     # rolled back later no longer matches.

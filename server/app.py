@@ -23,20 +23,24 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.aggregate import ServerOptimizer, aggregate, sample_clients
 from server.records import RunRecorder
+from server.secure_sum import SecureRound
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.features import EncoderSettings, catalogue_shapes, placeholder_content
 from shared.model import build_model, shared_state
-from shared.privacy.accounting import SampledGaussian, epsilon
+from shared.privacy.accounting import SampledGaussian
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.manifest import code_digest, config_digest, write_manifest
 from shared.privacy.participation import (
     EVERYONE,
+    DDGRound,
     client_histories,
+    history_epsilon,
     participation,
     user_epsilon,
 )
 from shared.privacy.signing import load_or_create_key
+from shared.secure import MECHANISM as SECURE_SUM
 
 app = ServerApp()
 
@@ -145,23 +149,33 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         # The fixed DP-FedAvg denominator: the expected sample, or the server's own (data-independent) choice
         expected = cfg.fraction_train * len(nodes) if random_sample else len(sampled)
         user_event = None
+        round_config: dict = {"server-round": server_round}
+        secure_round = None
         if ledger is not None:
             # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
-            user_event = SampledGaussian(cfg.user_noise_multiplier, cfg.fraction_train if random_sample else 1.0, 1)
+            rate = cfg.fraction_train if random_sample else 1.0
+            if cfg.trust_model == "secure":
+                secure_round = SecureRound.plan_round(cfg, expected, global_state)
+                round_config.update(secure_round.config())
+                # the worst case the round allows: the fewest shares it still decodes
+                user_event = DDGRound(secure_round.plan, secure_round.min_survivors, rate)
+            else:
+                user_event = SampledGaussian(cfg.user_noise_multiplier, rate, 1)
             histories = client_histories(ledger.entries)
             charged = histories.values() if random_sample else {histories.get(str(n), histories[EVERYONE]) for n in sampled}
-            after = max((epsilon([*h, user_event], cfg.user_delta, accountant="rdp-fast") for h in set(charged)), default=0.0)
+            after = max((history_epsilon([*h, user_event], cfg.user_delta, fast=True).epsilon for h in set(charged)),
+                        default=0.0)
             if after > cfg.user_epsilon_budget:
                 log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f "
                     "(RDP bound, delta %g) over the budget %g", server_round, after, cfg.user_delta,
                     cfg.user_epsilon_budget)
                 recorder.stopped(f"user-level budget {cfg.user_epsilon_budget} reached before round {server_round}")
                 break
-        content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": server_round})})
+        content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(round_config)})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
         replies = send_and_receive(grid, messages, cfg.messages_in_flight)
 
-        updates, metric_rows, declined, failed = [], [], [], []
+        updates, shares, metric_rows, declined, failed = [], [], [], [], []
         for reply in replies:
             source = f"node {reply.metadata.src_node_id}"
             if reply.has_error():
@@ -171,10 +185,14 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             if "harness" in reply.content:  # a simulated device's evaluation (client/app.py)
                 metrics.update(reply.content["harness"])
             metric_rows.append(metrics)
+            if secure_round is not None and "arrays" in reply.content:
+                # a device that declined still sends its noise share (of a zero update)
+                shares.append((source, reply.content["arrays"]["share"].to_torch()))
             if metrics.get("declined"):
                 declined.append(f"{source}: {reply.content['config'].get('reason', '')}" if "config" in reply.content else source)
                 continue
-            updates.append((source, reply.content["arrays"].to_torch_state_dict()))
+            if secure_round is None:
+                updates.append((source, reply.content["arrays"].to_torch_state_dict()))
         for reply in replies:
             if reply.has_error():
                 continue
@@ -184,23 +202,35 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                                                              "signature": str(head["signature"])}
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 
-        result = aggregate(
-            updates, global_state, user_dp=cfg.user_dp, clip_norm=cfg.user_clip_norm,
-            noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected,
-        )
+        round_facts = {"population": len(nodes), "eligible": len(eligible), "sampled": len(sampled),
+                       "denominator": expected, "fraction": cfg.fraction_train,
+                       "participants": sorted(sampled), "max_rounds_per_client": cfg.max_rounds_per_client,
+                       "min_round_separation": cfg.min_round_separation,
+                       "sampling_source": "secrets.SystemRandom (OS CSPRNG)" if random_sample else "none"}
+        if secure_round is not None:
+            result = secure_round.aggregate(shares, global_state)
+        else:
+            result = aggregate(
+                updates, global_state, user_dp=cfg.user_dp, clip_norm=cfg.user_clip_norm,
+                noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected,
+            )
         if result.delta is not None:
             global_state = optimizer.step(global_state, result.delta)
-        if ledger is not None and user_event is not None:
+        if secure_round is not None and result.delta is not None:
+            ledger.append(
+                level="user", round=server_round, mechanism=SECURE_SUM,
+                noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
+                clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
+                amplification=random_sample, neighbouring=USER_NEIGHBOURING,
+                details={**secure_round.ledger_details(result.accepted), **round_facts},
+            )
+        elif ledger is not None and user_event is not None and secure_round is None:
             ledger.append(
                 level="user", round=server_round, mechanism="dp-fedavg",
                 noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
                 clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
                 amplification=random_sample, neighbouring=USER_NEIGHBOURING,
-                details={"population": len(nodes), "eligible": len(eligible), "sampled": len(sampled),
-                         "aggregated": result.accepted, "denominator": expected, "fraction": cfg.fraction_train,
-                         "participants": sorted(sampled), "max_rounds_per_client": cfg.max_rounds_per_client,
-                         "min_round_separation": cfg.min_round_separation,
-                         "sampling_source": "secrets.SystemRandom (OS CSPRNG)" if random_sample else "none"},
+                details={**round_facts, "aggregated": result.accepted, "trust_model": "central"},
             )
         for n in sampled:
             chosen[str(n)] = chosen.get(str(n), 0) + 1

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DP_MODES = ("none", "record", "user", "both")
+# Who adds the user-level noise (record level is always `local`: each device's own DP-SGD):
+# central = a trusted server (DP-FedAvg); secure = each device adds a discrete Gaussian share and only the
+# modular sum is revealed (distributed DP under secure aggregation).
+TRUST_MODELS = ("central", "secure")
 
 
 class ConfigError(ValueError):
@@ -85,6 +89,11 @@ class RunConfig:
     user_clip_norm: float = 1.0
     user_delta: float = 1e-4
     user_epsilon_budget: float = 20.0
+    trust_model: str = "central"  # user level: central | secure (see TRUST_MODELS)
+    secure_bits: int = 20  # trust-model = secure: the modular sum is taken mod 2**bits (SecAgg+ needs devices x 2**bits < 2**32)
+    # trust-model = secure: a round's sum is decoded only if at least this fraction of the expected devices
+    # sent a share; the accountant charges the noise of the shares actually summed (fewer = less noise)
+    secure_min_fraction: float = 0.8
 
     # Outputs
     out: str = ""  # run directory; "" = none
@@ -116,6 +125,18 @@ class RunConfig:
             raise ConfigError(f"id-embeddings = {self.id_embeddings!r}: expected auto, true or false")
         if self.server_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
+        if self.trust_model not in TRUST_MODELS:
+            raise ConfigError(f"trust-model = {self.trust_model!r}: expected one of {', '.join(TRUST_MODELS)}")
+        if self.trust_model != "central" and not self.user_dp:
+            raise ConfigError(f"trust-model = {self.trust_model!r} sets who adds the user-level noise, but dp = "
+                              f"{self.dp!r}: use dp = user or both (record level is always local)")
+        if self.trust_model != "central" and self.secure_aggregation:
+            raise ConfigError(f"secure-aggregation = true is Flower's SecAgg+ with noise added by the server "
+                              f"(trust-model = central), got trust-model = {self.trust_model!r}")
+        if not 8 <= self.secure_bits <= 30:
+            raise ConfigError(f"secure-bits = {self.secure_bits}: expected 8 .. 30")
+        if not 0.0 < self.secure_min_fraction <= 1.0:
+            raise ConfigError(f"secure-min-fraction = {self.secure_min_fraction}: expected 0 < value <= 1")
         if self.grad_sample_mode not in ("ghost", "hooks"):
             raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
         for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds", "video_frames",

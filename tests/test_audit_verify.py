@@ -12,6 +12,7 @@ import shutil
 import stat
 
 import pytest
+import torch
 
 from shared.config import RunConfig, load_config
 from shared.data.synthetic import write_planted_dataset
@@ -213,6 +214,16 @@ def dp_fedavg_secagg(cfg, rnd, participants, population, **changes):
                         "configured_noise_multiplier": cfg.user_noise_multiplier}, **changes}
 
 
+def ddg_round(cfg, rnd, participants, population, **changes):
+    """As the server records a trust-model = secure round: the plan the configuration implies, all shares summed."""
+    from server.secure_sum import SecureRound
+
+    secure = SecureRound.plan_round(cfg, len(participants), {"w": torch.zeros(300)})
+    entry = dp_fedavg(cfg, rnd, participants, population, mechanism="ddg-secure-sum")
+    entry["details"] = {**entry["details"], **secure.ledger_details(len(participants))}
+    return {**entry, **changes}
+
+
 def plan(cfg, devices=3, rounds=3):
     """A correct run: which device trains in which round (every other one when sampling), its entries (a
     history release in its first round and on the refresh schedule, then DP-SGD), the server's entry per
@@ -229,7 +240,7 @@ def plan(cfg, devices=3, rounds=3):
                 last[n] = rnd
             ledgers[n].append(dp_sgd(cfg, rnd))
         if cfg.user_dp:
-            make = dp_fedavg_secagg if cfg.secure_aggregation else dp_fedavg
+            make = dp_fedavg_secagg if cfg.secure_aggregation else ddg_round if cfg.trust_model == "secure" else dp_fedavg
             server.append(make(cfg, rnd, [k + 1 for k in chosen], devices))
         rows.append({"round": rnd, "clients_aggregated": len(chosen)})
     return {"server": server, "devices": ledgers, "rounds": rows}
@@ -294,7 +305,8 @@ def problems(run_dir):
     {"dp": "user", "fraction_train": 0.5},
     {"dp": "user", "secure_aggregation": True},
     {"dp": "record", "history_refresh_rounds": 2},
-], ids=["both", "user-sampled", "user-secagg", "record-refresh"])
+    {"dp": "user", "trust_model": "secure"},
+], ids=["both", "user-sampled", "user-secagg", "record-refresh", "user-secure"])
 def test_a_correctly_built_run_passes(tmp_path, settings):
     v = verify_run(build(tmp_path, rounds=5 if settings.get("history_refresh_rounds") else 3, **settings))
     assert v.ok, v.problems
@@ -473,3 +485,20 @@ def test_the_code_digest_is_the_same_for_the_checkout_and_an_installed_copy(tmp_
     assert code_digest(installed) == code_digest(REPO_ROOT)
     (installed / "shared" / "config.py").write_text((installed / "shared" / "config.py").read_text() + "\n# edited\n")
     assert code_digest(installed) != code_digest(REPO_ROOT)
+
+
+def test_7_secure_round_with_a_plan_the_configuration_does_not_imply_fails(tmp_path):
+    def forge(cfg, p):
+        p["server"][0]["details"]["plan"]["local_stddev"] *= 0.1  # a tenth of the promised noise shares
+        p["server"][1]["details"]["survivors"] = 1  # fewer shares than the round may decode
+    text = problems(build(tmp_path, forge, dp="user", trust_model="secure"))
+    assert "entry 1 (round 1, ddg-secure-sum): details.plan.local_stddev is" in text
+    assert "entry 2 (round 2, ddg-secure-sum): details.survivors is 1, expected 3 .. 3" in text
+
+
+def test_7_secure_round_under_a_central_configuration_fails(tmp_path):
+    def forge(cfg, p):
+        for e in p["server"]:
+            e["mechanism"] = "ddg-secure-sum"
+    text = problems(build(tmp_path, forge, dp="user"))
+    assert "ddg-secure-sum entry, but trust-model is 'central'" in text

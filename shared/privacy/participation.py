@@ -10,13 +10,54 @@ mechanisms is fixed in advance and composes. Its epsilon then composes the round
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import Counter
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
 
-from .accounting import EpsilonReport, SampledGaussian, epsilon, epsilon_checked
+from .accounting import AccountingError, EpsilonReport, SampledGaussian, epsilon, epsilon_checked
+from .distributed_dp import MECHANISM as SECURE_SUM, DDGPlan, ddg_epsilon
 from .ledger import LedgerEntry
 
 EVERYONE = "*"  # a client that appears in no round's participant list
+
+
+@dataclass(frozen=True)
+class DDGRound:
+    """One round of trust-model `secure`: the distributed discrete Gaussian over the shares actually summed."""
+
+    plan: DDGPlan
+    survivors: int
+    sample_rate: float  # 1 where amplification is not claimed
+
+
+Event = Union[SampledGaussian, DDGRound]
+
+
+def accounted(entry: LedgerEntry) -> Event:
+    """The mechanism an entry charges: a Gaussian event, or a DDG round rebuilt from its recorded plan."""
+    if entry.mechanism != SECURE_SUM:
+        return entry.event()
+    recorded = entry.details["plan"]
+    plan = DDGPlan(**{f.name: recorded[f.name] for f in dataclasses.fields(DDGPlan)})
+    return DDGRound(plan, int(entry.details["survivors"]), entry.sample_rate if entry.amplification else 1.0)
+
+
+def history_epsilon(history: Sequence[Event], delta: float, fast: bool = False) -> EpsilonReport:
+    """Epsilon of one client's history: Gaussian events through the checked accountants (or the RDP bound
+    when `fast`), DDG rounds through their own RDP accountant. A history never mixes the two."""
+    rounds = [e for e in history if isinstance(e, DDGRound)]
+    if not rounds:
+        if fast:
+            value = epsilon(history, delta, accountant="rdp-fast")
+            return EpsilonReport(value, delta, math.nan, math.nan, value, "rdp-fast")
+        return epsilon_checked(history, delta)
+    if len(rounds) != len(history):
+        raise AccountingError("a user-level history mixes DDG rounds with Gaussian ones: one run, one trust model")
+    value = ddg_epsilon([(r.plan, r.survivors, r.sample_rate) for r in rounds], delta)
+    return EpsilonReport(value, delta, math.nan, math.nan, value,
+                         "RDP of the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021)")
 
 
 def participation(entries: Sequence[LedgerEntry]) -> Counter:
@@ -24,27 +65,28 @@ def participation(entries: Sequence[LedgerEntry]) -> Counter:
     return Counter(str(n) for e in entries for n in e.details.get("participants", ()))
 
 
-def client_histories(entries: Sequence[LedgerEntry]) -> dict[str, tuple[SampledGaussian, ...]]:
+def client_histories(entries: Sequence[LedgerEntry]) -> dict[str, tuple[Event, ...]]:
     """Each client's accounted events; non-amplified rounds without a participant list charge everyone."""
     clients = set(participation(entries)) | {EVERYONE}
-    out: dict[str, list[SampledGaussian]] = {c: [] for c in clients}
+    out: dict[str, list[Event]] = {c: [] for c in clients}
     for e in entries:
         chosen = e.details.get("participants")
+        event = accounted(e)
         for c in clients:
             if e.amplification or chosen is None or c in {str(n) for n in chosen}:
-                out[c].append(e.event())
+                out[c].append(event)
     return {c: tuple(v) for c, v in out.items()}
 
 
-def worst_history(entries: Sequence[LedgerEntry]) -> tuple[SampledGaussian, ...]:
+def worst_history(entries: Sequence[LedgerEntry]) -> tuple[Event, ...]:
     """The history of the client charged the most (by the RDP bound, which orders histories here)."""
     histories = set(client_histories(entries).values())
-    return max(histories, key=lambda h: (epsilon(h, 1e-5, accountant="rdp-fast"), len(h)))
+    return max(histories, key=lambda h: (history_epsilon(h, 1e-5, fast=True).epsilon, len(h)))
 
 
 def user_epsilon(entries: Sequence[LedgerEntry], delta: float) -> EpsilonReport:
-    """The user-level epsilon (PLD, cross-checked) of the most-charged client."""
-    reports = [epsilon_checked(h, delta) for h in set(client_histories(entries).values())]
+    """The user-level epsilon of the most-charged client (PLD cross-checked, or the DDG accountant)."""
+    reports = [history_epsilon(h, delta) for h in set(client_histories(entries).values())]
     return max(reports, key=lambda r: r.epsilon)
 
 

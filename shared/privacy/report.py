@@ -15,7 +15,7 @@ import numpy as np
 from .accounting import RDP_ORDERS, SampledGaussian, _rdp_total, epsilon_checked, normalise
 from .manifest import code_digest, config_digest
 from .participation import client_histories, participation, user_epsilon
-from .verify import DP_FEDAVG_SECAGG, Verification, record_stats, verify_run
+from .verify import DDG_SECURE_SUM, DP_FEDAVG_SECAGG, Verification, record_stats, verify_run
 
 OUTSIDE = [
     "without DP only: the evaluation metrics each device sends every round (HR, NDCG, Recall on its "
@@ -48,13 +48,28 @@ def secure_aggregation_ran(v: Verification) -> bool:
             and all(e.mechanism == DP_FEDAVG_SECAGG for e in v.server_entries))
 
 
+def trust_model_ran(v: Verification) -> str:
+    """Who added the user-level noise, from the ledger: `secure` only where every server entry is a DDG
+    round (devices' shares, only their modular sum revealed); `central` for DP-FedAvg; `none` without it."""
+    if not v.server_entries:
+        return "none"
+    return "secure" if all(e.mechanism == DDG_SECURE_SUM for e in v.server_entries) else "central"
+
+
 def threat_model(v: Verification) -> dict[str, Any]:
     """What the server sees, whom each level protects against, what is public and what must be trusted,
     derived from what ran (the verified ledgers and the configuration), never from settings alone."""
     dp = v.config.get("dp", "none")
     record_dp, user_dp, secagg = dp in ("record", "both"), dp in ("user", "both"), secure_aggregation_ran(v)
     never = "never the device's data, private user vector or history summary"
-    if secagg:
+    trust = trust_model_ran(v)
+    if trust == "secure":
+        sees = ("only the modular sum of the devices' discrete Gaussian noise shares (trust-model = secure: every "
+                "server ledger entry is a ddg-secure-sum round; each device added its share before its update left "
+                "it). In simulation the server computes that sum directly from shares that pass through the "
+                "simulation process; deployed, shares travel masked by secure aggregation; "
+                f"{never}")
+    elif secagg:
         sees = ("only the sum of each round's clipped, quantised updates (SecAgg+ secure aggregation ran: "
                 "secure-aggregation = true and every server ledger entry is dp-fedavg-secagg), before it adds the "
                 f"noise; never an individual update; {never}")
@@ -67,7 +82,12 @@ def threat_model(v: Verification) -> dict[str, Any]:
     if record_dp:
         protects.append("record-level DP protects each interaction against everything that leaves the device, "
                         "the server included: the device clips and noises before it sends")
-    if user_dp:
+    if user_dp and trust == "secure":
+        protects.append("user-level DP protects each user against everyone who sees the released global models, the "
+                        "server included, as long as enough devices add their shares: the accountant charges the "
+                        "shares actually summed, and a round with fewer than secure-min-fraction of the expected "
+                        "devices is not decoded; devices that collude with the server can subtract their own shares")
+    elif user_dp:
         seen = ("the exact sum of the clipped updates before it adds the noise" if secagg
                 else "every clipped update in clear")
         protects.append(f"user-level DP protects each user against everyone who sees the released global models, "
@@ -84,6 +104,7 @@ def threat_model(v: Verification) -> dict[str, Any]:
     return {
         "server_sees": sees,
         "secure_aggregation_ran": secagg,
+        "trust_model": trust,
         "protects": protects,
         "public": "; ".join(public) or "nothing beyond the run's configuration and the released models",
         "self_attestation": SELF_ATTESTATION,
@@ -193,13 +214,16 @@ def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any
         counts = participation(es)
         worst = max(client_histories(es).values(), key=len)
         amplified = [e.amplification for e in es]
-        rho, how = rho_bound(list(worst))
+        secure = trust_model_ran(v) == "secure"
+        rho, how = (math.nan, "not computed: DDG rounds are accounted by their own RDP curve") if secure else rho_bound(list(worst))
         levels["user"] = {
             "unit": "all the data of one user (one client)",
             "neighbouring": es[0].neighbouring,
             "rounds": len(es),
             "mechanism": {
-                "name": "DP-FedAvg: update clipped on the device, Gaussian noise on the sum, fixed denominator",
+                "name": "distributed discrete Gaussian: update clipped, rotated and rounded on the device, which adds "
+                        "its noise share; the modular sum of the shares over a fixed denominator" if secure else
+                        "DP-FedAvg: update clipped on the device, Gaussian noise on the sum, fixed denominator",
                 "noise_multiplier": _ranges([e.noise_multiplier for e in es]),
                 "clip_norm": _ranges([e.clip_norm for e in es]),
                 "population": _ranges([e.details.get("population") for e in es]),

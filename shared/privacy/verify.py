@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .accounting import AccountingError, epsilon_checked
+from .distributed_dp import MECHANISM as DDG_SECURE_SUM, plan_ddg
 from .ledger import LedgerEntry, LedgerError, PrivacyLedger
 from .manifest import MANIFEST_NAME, ManifestError, config_digest, read_manifest
 from .participation import participation, schedule_problems, user_epsilon
@@ -215,6 +216,39 @@ def _dp_fedavg_rules(v: Verification, e: LedgerEntry) -> Rules:
     if v.config.get("secure-aggregation") is True:
         problems.append(f"a plain dp-fedavg entry, but secure-aggregation is true ({v.configured('secure-aggregation')}),"
                         " under which the server records dp-fedavg-secagg")
+    if v.config.get("trust-model", "central") != "central":
+        problems.append(f"a dp-fedavg entry (noise added by the server), but trust-model is "
+                        f"{v.config.get('trust-model')!r} ({v.configured('trust-model')})")
+    return expected, problems
+
+
+def _ddg_rules(v: Verification, e: LedgerEntry) -> Rules:
+    """Trust model `secure`: the recorded plan must be the one the configuration implies for the recorded
+    expected device count and dimension, and the shares summed at least the minimum the round decodes."""
+    expected, problems = _user_sampling_rules(v, e)
+    expected = [_from_config(v, "noise_multiplier", "user-noise-multiplier"),
+                _from_config(v, "clip_norm", "user-clip-norm"),
+                Expected("steps", 1, "one secure sum per round"), *expected]
+    if v.config.get("trust-model") != "secure":
+        problems.append(f"a {DDG_SECURE_SUM} entry, but trust-model is {v.config.get('trust-model')!r} "
+                        f"({v.configured('trust-model')}), expected secure")
+        return expected, problems
+    d = e.details
+    try:
+        recorded, n, survivors = dict(d["plan"]), int(d["expected"]), int(d["survivors"])
+        implied = plan_ddg(v.config["user-clip-norm"], v.config["user-noise-multiplier"], n,
+                           int(recorded["dimension"]), v.config["secure-bits"]).__dict__
+    except (KeyError, TypeError, ValueError) as exc:
+        return expected, problems + [f"details do not describe a DDG round ({type(exc).__name__}: {exc})"]
+    for name, value in implied.items():
+        if not _same(recorded.get(name, _ABSENT), value):
+            problems.append(f"details.plan.{name} is {recorded.get(name)!r}, expected {value!r} (the plan "
+                            f"user-clip-norm, user-noise-multiplier and secure-bits imply for {n} expected devices, "
+                            f"{v.config_source})")
+    least = max(1, math.ceil(v.config.get("secure-min-fraction", 1.0) * n))
+    if survivors < least or survivors > d.get("sampled", survivors):
+        problems.append(f"details.survivors is {survivors}, expected {least} .. {d.get('sampled')} (secure-min-fraction "
+                        f"of the {n} expected devices, at most those sampled): fewer shares carry less noise")
     return expected, problems
 
 
@@ -244,7 +278,7 @@ def _dp_fedavg_secagg_rules(v: Verification, e: LedgerEntry) -> Rules:
 
 MECHANISMS: dict[str, dict[str, Callable[[Verification, LedgerEntry], Rules]]] = {
     "record": {DP_SGD: _dp_sgd_rules, HISTORY_RELEASE: _history_rules},
-    "user": {DP_FEDAVG: _dp_fedavg_rules, DP_FEDAVG_SECAGG: _dp_fedavg_secagg_rules},
+    "user": {DP_FEDAVG: _dp_fedavg_rules, DP_FEDAVG_SECAGG: _dp_fedavg_secagg_rules, DDG_SECURE_SUM: _ddg_rules},
 }
 
 
