@@ -29,6 +29,7 @@ from shared.data.resolve import resolve_dataset
 from shared.features import EncoderSettings, catalogue_shapes, placeholder_content
 from shared.model import build_model, shared_state
 from shared.privacy.accounting import SampledGaussian
+from shared.privacy.distributed_dp import NEIGHBOURING as SECURE_NEIGHBOURING
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.manifest import code_digest, config_digest, write_manifest
 from shared.privacy.participation import (
@@ -187,7 +188,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             metric_rows.append(metrics)
             if secure_round is not None and "arrays" in reply.content:
                 # a device that declined still sends its noise share (of a zero update)
-                shares.append((source, reply.content["arrays"]["share"].to_torch()))
+                shares.append((source, reply.content["arrays"].to_torch_state_dict()["share"]))
             if metrics.get("declined"):
                 declined.append(f"{source}: {reply.content['config'].get('reason', '')}" if "config" in reply.content else source)
                 continue
@@ -221,7 +222,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 level="user", round=server_round, mechanism=SECURE_SUM,
                 noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
                 clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
-                amplification=random_sample, neighbouring=USER_NEIGHBOURING,
+                amplification=random_sample, neighbouring=SECURE_NEIGHBOURING,
                 details={**secure_round.ledger_details(result.accepted), **round_facts},
             )
         elif ledger is not None and user_event is not None and secure_round is None:

@@ -78,6 +78,21 @@ def _has_column(items, column: str) -> bool:
     return column in items.columns and bool((items[column].astype(str).str.strip() != "").any())
 
 
+MODALITIES = ("text", "image", "video", "audio")
+
+
+def expand_modalities(modalities: list[str], items, root: str | Path) -> list[str]:
+    """`auto` stands for every modality the catalogue has: text, and each media modality with a non-empty
+    column in items.csv (audio also from a video's track) or a features/<modality>-*.npy file. Decided from
+    the catalogue alone, so server and devices agree."""
+    if modalities != ["auto"]:
+        return modalities
+    files = {p.stem.split("-", 1)[0] for p in Path(root, "features").glob("*.npy")}
+    has = {"text": True, "image": _has_column(items, "image"), "video": _has_column(items, "video"),
+           "audio": _has_column(items, "audio") or _has_column(items, "video")}
+    return [m for m in MODALITIES if has[m] or m in files]
+
+
 def computed_keys(items, modalities: list[str], settings: EncoderSettings) -> dict[str, int]:
     """The computed feature keys and their widths, decided from `items.csv` alone (so a server that never
     sees media builds the same model as the devices): a media modality is computed when its column has
@@ -300,7 +315,8 @@ def load_cached(
 ) -> tuple[Dataset, ItemContent]:
     """The dataset and its item content, loaded once per process (simulated devices share a process)."""
     dataset = load_dataset(dataset_dir)
-    content = item_content(dataset, [m for m in modalities.split(",") if m], cache_dir or None, settings)
+    wanted = expand_modalities([m.strip() for m in modalities.split(",") if m.strip()], dataset.items, dataset.root)
+    content = item_content(dataset, wanted, cache_dir or None, settings)
     return dataset, content
 
 
@@ -313,6 +329,7 @@ def catalogue_shapes(
 
     root = Path(dataset_dir)
     items = pd.read_csv(root / "items.csv", dtype=str, keep_default_na=False)
+    modalities = expand_modalities(modalities, items, root)
     wanted = computed_keys(items, modalities, settings)
     dims: dict[str, int] = {}
     files = sorted((root / "features").glob("*.npy")) if (root / "features").is_dir() else []

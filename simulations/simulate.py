@@ -102,7 +102,7 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
             "avrec (federated)": federated,
             "popularity": baselines.popularity(users, dataset.n_items),
             # The towers as they are without DP (ID embeddings and recent items on where configured).
-            "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none", secure_aggregation=False)),
+            "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none", secure_aggregation=False, trust_model="central")),
         }
     weights = {"avrec (federated)": learned_modality_weights(out / "best_model.safetensors", list(content.features))}
     weights["central, no DP"] = systems["central, no DP"].get("modality_weights", {})

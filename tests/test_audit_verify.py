@@ -498,7 +498,7 @@ def test_7_secure_round_with_a_plan_the_configuration_does_not_imply_fails(tmp_p
 
 def test_7_secure_round_under_a_central_configuration_fails(tmp_path):
     def forge(cfg, p):
-        for e in p["server"]:
-            e["mechanism"] = "ddg-secure-sum"
+        secure = cfg.replace(trust_model="secure")
+        p["server"] = [ddg_round(secure, e["round"], e["details"]["participants"], 3) for e in p["server"]]
     text = problems(build(tmp_path, forge, dp="user"))
     assert "ddg-secure-sum entry, but trust-model is 'central'" in text

@@ -45,6 +45,8 @@ import numpy as np
 from scipy.special import gammaln, logsumexp
 
 __all__ = [
+    "MECHANISM",
+    "NEIGHBOURING",
     "DDGPlan",
     "RDP_ORDERS",
     "plan_ddg",
@@ -56,6 +58,11 @@ __all__ = [
     "ddg_rdp",
     "ddg_epsilon",
 ]
+
+MECHANISM = "ddg-secure-sum"  # the ledger's name for one round of this mechanism (trust model `secure`)
+# What the analysis covers, at user level: the participant set is public and a user's data is zeroed out.
+NEIGHBOURING = ("zero out one user's data: its device still takes part and adds its noise share (the "
+                "participant set is public)")
 
 # Integer orders (Zhu-Wang's bound needs integers), the reference's grid.
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 129)) + (256,)

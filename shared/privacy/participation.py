@@ -39,9 +39,13 @@ def accounted(entry: LedgerEntry) -> Event:
     """The mechanism an entry charges: a Gaussian event, or a DDG round rebuilt from its recorded plan."""
     if entry.mechanism != SECURE_SUM:
         return entry.event()
-    recorded = entry.details["plan"]
-    plan = DDGPlan(**{f.name: recorded[f.name] for f in dataclasses.fields(DDGPlan)})
-    return DDGRound(plan, int(entry.details["survivors"]), entry.sample_rate if entry.amplification else 1.0)
+    try:
+        recorded = entry.details["plan"]
+        plan = DDGPlan(**{f.name: recorded[f.name] for f in dataclasses.fields(DDGPlan)})
+        return DDGRound(plan, int(entry.details["survivors"]), entry.sample_rate if entry.amplification else 1.0)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AccountingError(f"round {entry.round}: a {SECURE_SUM} entry without a usable plan and survivor count "
+                              f"in its details ({type(exc).__name__}: {exc})") from None
 
 
 def history_epsilon(history: Sequence[Event], delta: float, fast: bool = False) -> EpsilonReport:
