@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
         # A simulated device: its evaluation goes to the harness in a record of its own. A deployed device
         # (DeviceDirectory) never sends it.
         records["harness"] = MetricRecord(reply.evaluation)
-    if cfg.trust_model == "secure":
+    if cfg.secure_trust:
         records["arrays"] = ArrayRecord({"share": secure_share(reply, global_state, msg, cfg, simulated)})
     elif reply.delta is not None:
         records["arrays"] = ArrayRecord(reply.delta)

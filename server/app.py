@@ -155,7 +155,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         if ledger is not None:
             # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
             rate = cfg.fraction_train if random_sample else 1.0
-            if cfg.trust_model == "secure":
+            if cfg.secure_trust:
                 secure_round = SecureRound.plan_round(cfg, expected, global_state)
                 round_config.update(secure_round.config())
                 # the worst case the round allows: the fewest shares it still decodes

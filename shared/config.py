@@ -36,7 +36,8 @@ class RunConfig:
 
     # Model
     embedding_dim: int = 64
-    modalities: str = "text"  # comma-separated content modalities of the item tower
+    # comma-separated content modalities of the item tower, or auto = every modality the catalogue has
+    modalities: str = "auto"
     # Learned item-ID embeddings for catalogue items: true, false, or auto = on except under record-level
     # DP, where DP-SGD's noise on the whole (items x dim) table swamped their signal (measured, see README)
     id_embeddings: str = "auto"
@@ -69,7 +70,7 @@ class RunConfig:
     messages_in_flight: int = 8
 
     # Privacy
-    dp: str = "record"  # none | record | user | both
+    dp: str = "user"  # none | record | user | both
     noise_multiplier: float = 1.0  # record level (DP-SGD on the device)
     clip_norm: float = 1.0
     delta: float = 1e-5  # record level, per client
@@ -85,15 +86,15 @@ class RunConfig:
     # nothing about the history
     history_refresh_rounds: int = 0
     grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks (fastest measured here for this model) or ghost
-    user_noise_multiplier: float = 1.0  # user level (DP-FedAvg on the server)
+    user_noise_multiplier: float = 2.8  # user level: noise std / user-clip-norm of the whole round's sum
     user_clip_norm: float = 1.0
     user_delta: float = 1e-4
-    user_epsilon_budget: float = 20.0
-    trust_model: str = "central"  # user level: central | secure (see TRUST_MODELS)
+    user_epsilon_budget: float = 8.0
+    trust_model: str = "secure"  # user level: central | secure (see TRUST_MODELS)
     secure_bits: int = 20  # trust-model = secure: the modular sum is taken mod 2**bits (SecAgg+ needs devices x 2**bits < 2**32)
     # trust-model = secure: a round's sum is decoded only if at least this fraction of the expected devices
     # sent a share; the accountant charges the noise of the shares actually summed (fewer = less noise)
-    secure_min_fraction: float = 0.8
+    secure_min_fraction: float = 0.9
 
     # Outputs
     out: str = ""  # run directory; "" = none
@@ -127,10 +128,7 @@ class RunConfig:
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.trust_model not in TRUST_MODELS:
             raise ConfigError(f"trust-model = {self.trust_model!r}: expected one of {', '.join(TRUST_MODELS)}")
-        if self.trust_model != "central" and not self.user_dp:
-            raise ConfigError(f"trust-model = {self.trust_model!r} sets who adds the user-level noise, but dp = "
-                              f"{self.dp!r}: use dp = user or both (record level is always local)")
-        if self.trust_model != "central" and self.secure_aggregation:
+        if self.secure_trust and self.secure_aggregation:
             raise ConfigError(f"secure-aggregation = true is Flower's SecAgg+ with noise added by the server "
                               f"(trust-model = central), got trust-model = {self.trust_model!r}")
         if not 8 <= self.secure_bits <= 30:
@@ -202,6 +200,12 @@ class RunConfig:
     @property
     def user_dp(self) -> bool:
         return self.dp in ("user", "both")
+
+    @property
+    def secure_trust(self) -> bool:
+        """User-level noise added by the devices as shares of a secure sum (trust-model applies to user level
+        only: record level is always local)."""
+        return self.user_dp and self.trust_model == "secure"
 
     @property
     def use_id_embeddings(self) -> bool:

@@ -267,8 +267,9 @@ def item_content(
     settings: EncoderSettings = EncoderSettings(),
     progress: Progress = _no_progress,
 ) -> ItemContent:
-    """Features for the requested modalities: computed ones, then every matching features/ file."""
+    """Features for the requested modalities (or `auto`): computed ones, then every matching features/ file."""
     start = time.perf_counter()
+    modalities = expand_modalities(modalities, dataset.items, dataset.root)
     cache = EmbeddingCache(cache_dir)
     tally = FailureTally()
     features: dict[str, np.ndarray] = {}
@@ -315,8 +316,7 @@ def load_cached(
 ) -> tuple[Dataset, ItemContent]:
     """The dataset and its item content, loaded once per process (simulated devices share a process)."""
     dataset = load_dataset(dataset_dir)
-    wanted = expand_modalities([m.strip() for m in modalities.split(",") if m.strip()], dataset.items, dataset.root)
-    content = item_content(dataset, wanted, cache_dir or None, settings)
+    content = item_content(dataset, [m.strip() for m in modalities.split(",") if m.strip()], cache_dir or None, settings)
     return dataset, content
 
 

@@ -1,5 +1,5 @@
-"""The full MovieLens-100K comparison: avrec federated with record-level DP and without DP, each next to
-popularity and the central towers, with wall time, time per round and peak memory. Saves the combined
+"""The full MovieLens-100K comparison: avrec federated under the embedded default (user-level DP, secure
+trust model), record-level DP (nothing trusted) and without DP, each next to popularity and the central towers, with wall time, time per round and peak memory. Saves the combined
 table to `runs/benchmark-ml100k/table.md` and `table.json`.
 
     python -m simulations.benchmark_ml100k [--rounds N] [--out DIR]
@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per federated run (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark-ml100k"))
     parser.add_argument(
-        "--configs", default="configs/default.toml,configs/no-dp.toml", help="run configs, comma-separated"
+        "--configs", default="configs/default.toml,configs/record.toml,configs/no-dp.toml",
+        help="run configs, comma-separated"
     )
     args = parser.parse_args()
     rows, runs = [], {}
@@ -32,6 +33,8 @@ def main() -> None:
             overrides["num-rounds"] = args.rounds
         summary = simulate(load_config(path, overrides))
         mode = summary["config"]["dp"]
+        if mode in ("user", "both"):
+            mode += f", trust={summary['config']['trust-model']}"
         runs[mode] = summary
         for name, table in summary["systems"].items():
             if name != "avrec (federated)" and i > 0:
@@ -45,9 +48,12 @@ def main() -> None:
     lines.append("")
     for mode, s in runs.items():
         fed = s["federated"]
-        priv = s["privacy"].get("record_level", {})
-        eps = (f"record-level epsilon median {priv['median']:.2f}, p95 {priv['p95']:.2f}, max {priv['max']:.2f} "
-               f"at delta {priv['delta']:g}") if priv.get("clients") else "no DP"
+        priv, user = s["privacy"].get("record_level", {}), s["privacy"].get("user_level", {})
+        eps = "; ".join(
+            ([f"record-level epsilon median {priv['median']:.2f}, p95 {priv['p95']:.2f}, max {priv['max']:.2f} "
+              f"at delta {priv['delta']:g}"] if priv.get("clients") else [])
+            + ([f"user-level epsilon {user['epsilon']:.2f} at delta {user['delta']:g}"] if user.get("epsilon") else [])
+        ) or "no DP"
         lines.append(
             f"- dp={mode}: {s['clients']} clients, best round {fed['best_round']} of {fed['rounds_run']}, "
             f"{fed['seconds_per_round']:.1f} s per round, wall {s['wall_seconds']:.0f} s, "

@@ -18,7 +18,7 @@ from shared.deploy.local import run_on_loopback
 from simulations.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = {"num-rounds": 2, "dp": "record"}
+RUN = {"num-rounds": 2, "dp": "record", "modalities": "text"}
 DEVICES, USERS_PER_DEVICE = 3, 2
 
 

@@ -23,7 +23,8 @@ def main() -> dict:
     with tempfile.TemporaryDirectory(prefix="avrec-secagg-") as tmp:
         root = Path(tmp)
         _, settings = run_on_loopback(root, REPO, DEVICES, 1, {
-            "num-rounds": 2, "dp": "user", "secure-aggregation": True, "secagg-audit": True})
+            "num-rounds": 2, "dp": "user", "trust-model": "central", "secure-aggregation": True, "secagg-audit": True,
+            "modalities": "text"})
         cfg = settings.run
         step = 2 * cfg.user_clip_norm / 2**cfg.secagg_quantization_bits
         rounds = []

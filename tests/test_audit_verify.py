@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     data = write_planted_dataset(root / "planted", n_users=6, n_items=90, n_clusters=3, interactions_per_user=20, seed=0)
     cfg = load_config(overrides={
         "dataset": str(data), "out": str(root / "run"), "cache-dir": str(root / "cache"), "num-rounds": 3,
-        "eval-negatives": 49, "dp": "both", "user-noise-multiplier": 2.0,
+        "eval-negatives": 49, "dp": "both", "trust-model": "central", "user-noise-multiplier": 2.0,
     })
     simulate(cfg, log=lambda *_: None)
     return root / "run"
@@ -287,7 +287,7 @@ def write_run(root, cfg, run_plan):
 
 def build(tmp_path, edit=None, devices=3, rounds=3, **settings):
     """A signed run directory for the configuration `settings`; `edit(cfg, plan)` forges it before signing."""
-    cfg = RunConfig().replace(out=str(tmp_path / "run"), **settings)
+    cfg = RunConfig().replace(out=str(tmp_path / "run"), **{"trust_model": "central", "user_noise_multiplier": 1.0, **settings})
     run_plan = plan(cfg, devices, rounds)
     if edit:
         edit(cfg, run_plan)

@@ -65,7 +65,7 @@ def deployment(tmp_path_factory):
         "superlink": {"port": free_port(), "ca-cert": str(certs.ca_cert), "certificate": str(certs.server_cert),
                       "private-key": str(certs.server_key)},
         "run": {"dataset": str(data.catalogue), "out": str(root / "run"), "num-rounds": 2, "dp": "record",
-                "min-clients": 3},
+                "modalities": "text", "min-clients": 3},
     })
     federation = LocalFederation(settings, root / "processes")
     outcome = {}

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
 
 def make(world, name, **changes):
     root, dataset, split, content = world
-    cfg = RunConfig(**{"eval_negatives": 49, **changes})
+    cfg = RunConfig(**{"eval_negatives": 49, "dp": "record", **changes})
     user = split.users[0]
     device = Device(dataset.user_ids[user.user], user, content, dataset.n_items, cfg, root / name)
     torch.manual_seed(0)

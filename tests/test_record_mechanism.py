@@ -73,7 +73,7 @@ def test_neighbouring_interaction_counts_are_not_separated(content, pair):
 def _devices(world, tmp_path, **changes) -> list[Device]:
     """Two devices of one user whose training histories differ in length (n and n - 5)."""
     dataset, split, content = world
-    cfg = RunConfig(**{"eval_negatives": 49, **changes})
+    cfg = RunConfig(**{"eval_negatives": 49, "dp": "record", **changes})
     user = split.users[0]
     shorter = dataclasses.replace(user, train=user.train[:-5])
     return [Device(dataset.user_ids[user.user], u, content, dataset.n_items, cfg, tmp_path / name)

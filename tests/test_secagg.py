@@ -26,7 +26,8 @@ CLIENTS, DROPPED = 5, 2
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("secagg") / "run"
     cfg = load_config(overrides={
-        "max-users": CLIENTS, "min-clients": CLIENTS, "num-rounds": 2, "dp": "user", "secure-aggregation": True,
+        "max-users": CLIENTS, "min-clients": CLIENTS, "num-rounds": 2, "dp": "user", "trust-model": "central", "secure-aggregation": True,
+        "modalities": "text",
         "secagg-audit": True, "fault-drop-after-key-sharing": DROPPED, "out": str(out),
     })
     summary = simulate(cfg, log=lambda *_: None)
@@ -74,7 +75,7 @@ def test_secure_aggregation_needs_user_level_dp_and_odd_shares():
     with pytest.raises(ConfigError, match="secure-aggregation = true needs dp = user"):
         load_config(overrides={"secure-aggregation": True, "dp": "record"})
     with pytest.raises(ConfigError, match="secagg-num-shares = 4"):
-        load_config(overrides={"secure-aggregation": True, "dp": "user", "secagg-num-shares": 4})
+        load_config(overrides={"secure-aggregation": True, "dp": "user", "trust-model": "central", "secagg-num-shares": 4})
 
 
 def test_device_without_encoder_weights_names_the_package(tmp_path):

@@ -186,7 +186,7 @@ def test_server_refuses_a_round_that_can_wrap_and_records_the_plan(tmp_path):
     from server.secagg import SecureDPFedAvg
     from shared.config import load_config
 
-    cfg = load_config(overrides={"secure-aggregation": True, "dp": "user", "min-clients": 2,
+    cfg = load_config(overrides={"secure-aggregation": True, "dp": "user", "trust-model": "central", "min-clients": 2,
                                  "secagg-quantization-bits": 22, "out": str(tmp_path)})
     initial = {"w": torch.zeros(30, 10), "b": torch.zeros(10)}
     strategy = SecureDPFedAvg(cfg, initial, tmp_path)
