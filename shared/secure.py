@@ -54,15 +54,16 @@ def round_plan(cfg: RunConfig, expected_clients: int, dim: int) -> DDGPlan:
 def noised_share(update: Mapping[str, torch.Tensor], cfg: RunConfig, expected_clients: int,
                  rotation_seed: int) -> torch.Tensor:
     """Device side: the update (already clipped, or zeros for a device that declined: its noise share still
-    counts) as an int64 share in [0, 2^bits). The noise comes from a generator seeded from the OS CSPRNG."""
+    counts) as a share in [0, 2^bits), sent as int32 (secure-bits <= 30), half the bytes of int64. The noise
+    comes from a generator seeded from the OS CSPRNG."""
     plan = round_plan(cfg, expected_clients, dimension(update))
     rng = np.random.default_rng(secrets.randbits(128))
-    return torch.from_numpy(encode(flatten(update), plan, rotation_seed, rng).astype(np.int64))
+    return torch.from_numpy(encode(flatten(update), plan, rotation_seed, rng).astype(np.int32))
 
 
 def check_share(share: torch.Tensor, plan: DDGPlan, source: str) -> None:
-    if share.dtype != torch.int64 or tuple(share.shape) != (plan.padded_dimension,):
-        raise ShareError(f"share from {source}: {share.dtype} of shape {tuple(share.shape)}, expected int64 of shape "
+    if share.dtype != torch.int32 or tuple(share.shape) != (plan.padded_dimension,):
+        raise ShareError(f"share from {source}: {share.dtype} of shape {tuple(share.shape)}, expected int32 of shape "
                          f"({plan.padded_dimension},); the device runs a different model or secure-bits")
     if int(share.min()) < 0 or int(share.max()) >= 2**plan.bits:
         raise ShareError(f"share from {source}: values outside [0, 2^{plan.bits}); the device runs a different secure-bits")
@@ -71,5 +72,5 @@ def check_share(share: torch.Tensor, plan: DDGPlan, source: str) -> None:
 def decode_mean(shares: Sequence[torch.Tensor], plan: DDGPlan, rotation_seed: int, denominator: float,
                 reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Server side: the modular sum of the shares, decoded, over the fixed denominator."""
-    total = modular_sum([s.numpy() for s in shares], plan.bits)
+    total = modular_sum((s.numpy() for s in shares), plan.bits)
     return unflatten(decode(total, plan, rotation_seed) / denominator, reference)

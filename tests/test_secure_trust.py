@@ -67,7 +67,7 @@ def test_a_malformed_share_is_rejected():
     cfg = RunConfig(dp="user", trust_model="secure", secure_min_fraction=0.5)
     plan = SecureRound.plan_round(cfg, 4, REFERENCE)
     good = [(f"d{i}", noised_share(d, cfg, 4, plan.rotation_seed)) for i, d in enumerate(updates(3, 1.0))]
-    bad = ("evil", torch.full((plan.plan.padded_dimension,), 2**cfg.secure_bits, dtype=torch.int64))
+    bad = ("evil", torch.full((plan.plan.padded_dimension,), 2**cfg.secure_bits, dtype=torch.int32))
     result = plan.aggregate([*good, bad], REFERENCE)
     assert result.accepted == 3 and "outside [0, 2^20)" in result.rejected[0]
 
