@@ -69,12 +69,13 @@ def state_root(device: Device | DeviceDirectory) -> Path:
 
 
 def secure_share(reply, global_state: dict[str, torch.Tensor], msg: Message, cfg: RunConfig, simulated: bool) -> torch.Tensor:
-    """trust-model = secure: the update as a noise share (zeros for a device that declined: its share of the
-    noise still counts). Unmasked, only a simulation's harness may carry it; a deployed device refuses."""
+    """trust-model = secure without secure aggregation: the update as a noise share (zeros for a device that
+    declined: its share of the noise still counts). Unmasked, only a simulation's harness may carry it; a
+    deployed device refuses (with secure-aggregation = true its share travels masked: client/secagg.py)."""
     if not simulated:
         raise RuntimeError(
-            "trust-model = secure on the deployment engine needs its shares masked by secure aggregation, which this "
-            "ClientApp does not run yet: the device refuses to send an unmasked share (use trust-model = central)")
+            "trust-model = secure on the deployment engine needs secure-aggregation = true (SecAgg+ masks the "
+            "shares): the device refuses to send an unmasked share")
     update = reply.delta if reply.delta is not None else {k: torch.zeros_like(v) for k, v in global_state.items()}
     config = msg.content["config"]
     return noised_share(update, cfg, int(config["secure-expected"]), int(config["secure-rotation-seed"]))

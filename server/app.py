@@ -88,6 +88,57 @@ def sign_manifest(
     })
 
 
+def round_facts(cfg: RunConfig, population: int, eligible: int, sampled: list[int], denominator: float,
+                random_sample: bool) -> dict:
+    """What every user-level ledger entry records about the round's sampling."""
+    return {"population": population, "eligible": eligible, "sampled": len(sampled), "denominator": denominator,
+            "fraction": cfg.fraction_train, "participants": sorted(sampled),
+            "max_rounds_per_client": cfg.max_rounds_per_client, "min_round_separation": cfg.min_round_separation,
+            "sampling_source": "secrets.SystemRandom (OS CSPRNG)" if random_sample else "none"}
+
+
+def user_round_event(cfg: RunConfig, secure_round: SecureRound | None, rate: float) -> SampledGaussian | DDGRound:
+    """What one round charges: under trust-model secure the DDG round with the fewest shares it still decodes
+    (the worst case the round allows), else DP-FedAvg's Gaussian."""
+    if secure_round is not None:
+        return DDGRound(secure_round.plan, secure_round.min_survivors, rate)
+    return SampledGaussian(cfg.user_noise_multiplier, rate, 1)
+
+
+def epsilon_after(ledger: PrivacyLedger, event, sampled: list[int], random_sample: bool, delta: float) -> float:
+    """The largest user-level epsilon (RDP bound) of a client charged for `event` on top of its history."""
+    histories = client_histories(ledger.entries)
+    charged = histories.values() if random_sample else {histories.get(str(n), histories[EVERYONE]) for n in sampled}
+    return max((history_epsilon([*h, event], delta, fast=True).epsilon for h in set(charged)), default=0.0)
+
+
+def budget_exhausted(recorder: RunRecorder, cfg: RunConfig, after: float, server_round: int) -> bool:
+    """Stop the run (once) when the round would take the user-level epsilon over the budget."""
+    if after <= cfg.user_epsilon_budget:
+        return False
+    if not recorder.stop_reason:
+        log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f (RDP bound, delta %g) "
+            "over the budget %g", server_round, after, cfg.user_delta, cfg.user_epsilon_budget)
+        recorder.stopped(f"user-level budget {cfg.user_epsilon_budget} reached before round {server_round}")
+    return True
+
+
+def record_user_round(ledger: PrivacyLedger, cfg: RunConfig, server_round: int, event, aggregated: int, facts: dict,
+                      secure_round: SecureRound | None = None, secure_aggregation: str = "") -> None:
+    """The round's user-level ledger entry: a DDG secure sum (trust-model secure, with the shares actually
+    summed, and the protocol that summed them) or DP-FedAvg with the server's noise."""
+    amplified = event.sample_rate < 1.0
+    common = dict(level="user", round=server_round, noise_multiplier=cfg.user_noise_multiplier,
+                  sample_rate=event.sample_rate, steps=1, clip_norm=cfg.user_clip_norm,
+                  sampling="poisson-csprng" if amplified else "all-clients", amplification=amplified,
+                  neighbouring=USER_NEIGHBOURING)
+    if secure_round is not None:
+        ledger.append(mechanism=SECURE_SUM, **{**common, "neighbouring": SECURE_NEIGHBOURING},
+                      details={**secure_round.ledger_details(aggregated, secure_aggregation), **facts})
+    else:
+        ledger.append(mechanism="dp-fedavg", **common, details={**facts, "aggregated": aggregated, "trust_model": "central"})
+
+
 def schedule_allows(cfg: RunConfig, rounds_so_far: int, last: int | None, server_round: int) -> bool:
     """The cap on rounds per client and their minimum separation (used only without amplification)."""
     if cfg.max_rounds_per_client and rounds_so_far >= cfg.max_rounds_per_client:
@@ -154,23 +205,12 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         secure_round = None
         if ledger is not None:
             # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
-            rate = cfg.fraction_train if random_sample else 1.0
             if cfg.secure_trust:
                 secure_round = SecureRound.plan_round(cfg, expected, global_state)
                 round_config.update(secure_round.config())
-                # the worst case the round allows: the fewest shares it still decodes
-                user_event = DDGRound(secure_round.plan, secure_round.min_survivors, rate)
-            else:
-                user_event = SampledGaussian(cfg.user_noise_multiplier, rate, 1)
-            histories = client_histories(ledger.entries)
-            charged = histories.values() if random_sample else {histories.get(str(n), histories[EVERYONE]) for n in sampled}
-            after = max((history_epsilon([*h, user_event], cfg.user_delta, fast=True).epsilon for h in set(charged)),
-                        default=0.0)
-            if after > cfg.user_epsilon_budget:
-                log(WARNING, "avrec: stopping before round %d: user-level epsilon would reach %.3f "
-                    "(RDP bound, delta %g) over the budget %g", server_round, after, cfg.user_delta,
-                    cfg.user_epsilon_budget)
-                recorder.stopped(f"user-level budget {cfg.user_epsilon_budget} reached before round {server_round}")
+            user_event = user_round_event(cfg, secure_round, cfg.fraction_train if random_sample else 1.0)
+            if budget_exhausted(recorder, cfg, epsilon_after(ledger, user_event, sampled, random_sample, cfg.user_delta),
+                                server_round):
                 break
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(round_config)})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
@@ -203,11 +243,6 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                                                              "signature": str(head["signature"])}
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 
-        round_facts = {"population": len(nodes), "eligible": len(eligible), "sampled": len(sampled),
-                       "denominator": expected, "fraction": cfg.fraction_train,
-                       "participants": sorted(sampled), "max_rounds_per_client": cfg.max_rounds_per_client,
-                       "min_round_separation": cfg.min_round_separation,
-                       "sampling_source": "secrets.SystemRandom (OS CSPRNG)" if random_sample else "none"}
         if secure_round is not None:
             result = secure_round.aggregate(shares, global_state)
         else:
@@ -217,22 +252,9 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             )
         if result.delta is not None:
             global_state = optimizer.step(global_state, result.delta)
-        if secure_round is not None and result.delta is not None:
-            ledger.append(
-                level="user", round=server_round, mechanism=SECURE_SUM,
-                noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
-                clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
-                amplification=random_sample, neighbouring=SECURE_NEIGHBOURING,
-                details={**secure_round.ledger_details(result.accepted), **round_facts},
-            )
-        elif ledger is not None and user_event is not None and secure_round is None:
-            ledger.append(
-                level="user", round=server_round, mechanism="dp-fedavg",
-                noise_multiplier=cfg.user_noise_multiplier, sample_rate=user_event.sample_rate, steps=1,
-                clip_norm=cfg.user_clip_norm, sampling="poisson-csprng" if random_sample else "all-clients",
-                amplification=random_sample, neighbouring=USER_NEIGHBOURING,
-                details={**round_facts, "aggregated": result.accepted, "trust_model": "central"},
-            )
+            if ledger is not None:
+                facts = round_facts(cfg, len(nodes), len(eligible), sampled, expected, random_sample)
+                record_user_round(ledger, cfg, server_round, user_event, result.accepted, facts, secure_round)
         for n in sampled:
             chosen[str(n)] = chosen.get(str(n), 0) + 1
             last_round[str(n)] = server_round

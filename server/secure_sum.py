@@ -15,12 +15,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from server.aggregate import Aggregate
 from shared.config import RunConfig
 from shared.privacy.distributed_dp import DDGPlan
-from shared.secure import ShareError, check_share, decode_mean, dimension, round_plan
+from shared.privacy.distributed_dp import modular_sum
+from shared.secure import ShareError, check_share, decode_total, dimension, round_plan
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class SecureRound:
         return {"secure-expected": self.expected, "secure-rotation-seed": self.rotation_seed}
 
     def aggregate(self, shares: Sequence[tuple[str, torch.Tensor]], reference: Mapping[str, torch.Tensor]) -> Aggregate:
+        """The shares themselves (simulation without secure aggregation): check each, sum modulo 2^bits, decode."""
         valid, rejected = [], []
         for source, share in shares:
             try:
@@ -50,14 +53,27 @@ class SecureRound:
                 rejected.append(str(exc))
                 continue
             valid.append(share)
-        if len(valid) < self.min_survivors:
-            rejected.append(f"only {len(valid)} of {self.expected} expected shares arrived, fewer than "
+        total = modular_sum([s.numpy() for s in valid], self.plan.bits) if len(valid) >= self.min_survivors else None
+        return self.decode(total, len(valid), reference, rejected)
+
+    def decode(self, total: np.ndarray | None, survivors: int, reference: Mapping[str, torch.Tensor],
+               rejected: Sequence[str] = ()) -> Aggregate:
+        """The modular sum of `survivors` shares (summed here, or by SecAgg+), decoded over the fixed
+        denominator; not decoded when fewer than secure-min-fraction of the expected shares make it up."""
+        rejected = list(rejected)
+        if survivors < self.min_survivors or total is None:
+            rejected.append(f"only {survivors} of {self.expected} expected shares arrived, fewer than "
                             f"secure-min-fraction allows ({self.min_survivors}): the round's sum is not decoded")
             return Aggregate(None, 0, rejected)
-        return Aggregate(decode_mean(valid, self.plan, self.rotation_seed, self.denominator, reference), len(valid), rejected)
+        return Aggregate(decode_total(total, self.plan, self.rotation_seed, self.denominator, reference), survivors, rejected)
 
-    def ledger_details(self, survivors: int) -> dict[str, Any]:
-        return {"plan": dataclasses.asdict(self.plan), "survivors": survivors, "expected": self.expected,
-                "min_survivors": self.min_survivors, "rotation_seed": self.rotation_seed,
-                "trust_model": "secure", "noise": "discrete Gaussian shares added on the devices",
-                "summed": "modulo 2^bits, computed directly in simulation; under secure aggregation when deployed"}
+    def ledger_details(self, survivors: int, secure_aggregation: str = "") -> dict[str, Any]:
+        """What the ledger records; `secure_aggregation` names the protocol that summed the shares, if any."""
+        summed = (f"modulo 2^bits by secure aggregation ({secure_aggregation}): the server saw only the sum"
+                  if secure_aggregation else "modulo 2^bits, computed directly by the server from the shares (simulation)")
+        details = {"plan": dataclasses.asdict(self.plan), "survivors": survivors, "expected": self.expected,
+                   "min_survivors": self.min_survivors, "rotation_seed": self.rotation_seed,
+                   "trust_model": "secure", "noise": "discrete Gaussian shares added on the devices", "summed": summed}
+        if secure_aggregation:
+            details["secure_aggregation"] = secure_aggregation
+        return details

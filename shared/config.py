@@ -91,7 +91,7 @@ class RunConfig:
     user_delta: float = 1e-4
     user_epsilon_budget: float = 8.0
     trust_model: str = "secure"  # user level: central | secure (see TRUST_MODELS)
-    secure_bits: int = 20  # trust-model = secure: the modular sum is taken mod 2**bits (SecAgg+ needs devices x 2**bits < 2**32)
+    secure_bits: int = 20  # trust-model = secure: the modular sum is taken mod 2**bits (under secure-aggregation, SecAgg+ needs devices x 2**bits < 2**32)
     # trust-model = secure: a round's sum is decoded only if at least this fraction of the expected devices
     # sent a share; the accountant charges the noise of the shares actually summed (fewer = less noise)
     secure_min_fraction: float = 0.9
@@ -100,7 +100,8 @@ class RunConfig:
     out: str = ""  # run directory; "" = none
     state_dir: str = ""  # where simulated devices keep their state; "" = <out>/devices
 
-    # Secure aggregation (Flower SecAgg+): the server learns only the sum of the updates
+    # Secure aggregation (Flower SecAgg+, masks from avrec's cryptographic PRG): the server learns only the sum
+    # of what the devices send (their clipped updates, or under trust-model secure their noise shares)
     secure_aggregation: bool = False
     secagg_num_shares: int = 5  # shares of each device's mask keys (odd: an even value crashed Flower 1.41)
     secagg_reconstruction_threshold: int = 3  # shares needed to unmask; a round survives shares - threshold dropouts per neighbourhood
@@ -128,9 +129,6 @@ class RunConfig:
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.trust_model not in TRUST_MODELS:
             raise ConfigError(f"trust-model = {self.trust_model!r}: expected one of {', '.join(TRUST_MODELS)}")
-        if self.secure_trust and self.secure_aggregation:
-            raise ConfigError(f"secure-aggregation = true is Flower's SecAgg+ with noise added by the server "
-                              f"(trust-model = central), got trust-model = {self.trust_model!r}")
         if not 8 <= self.secure_bits <= 30:
             raise ConfigError(f"secure-bits = {self.secure_bits}: expected 8 .. 30")
         if not 0.0 < self.secure_min_fraction <= 1.0:
@@ -187,6 +185,18 @@ class RunConfig:
                 )
             if not 8 <= self.secagg_quantization_bits <= 26:
                 raise ConfigError(f"secagg-quantization-bits = {self.secagg_quantization_bits}: expected 8 .. 26")
+            if self.fraction_train < 1.0 or self.max_rounds_per_client or self.min_round_separation > 1:
+                raise ConfigError(
+                    "secure-aggregation = true sends every round to every available device: fraction-train must be 1 "
+                    f"and max-rounds-per-client 0, min-round-separation 1 (got {self.fraction_train}, "
+                    f"{self.max_rounds_per_client}, {self.min_round_separation})")
+            if self.secure_trust and 2 * self.secagg_reconstruction_threshold <= self.secagg_num_shares:
+                # Flower 1.41's SecAgg+ has no consistency check: a server that tells some holders a device
+                # dropped and others that it stayed collects both its mask seed and its key unless 2t > shares.
+                raise ConfigError(
+                    f"trust-model = secure needs secagg-reconstruction-threshold > secagg-num-shares / 2 (got "
+                    f"{self.secagg_reconstruction_threshold} of {self.secagg_num_shares}): otherwise a server that "
+                    "lies about who dropped out can unmask a single device")
         if self.user_dp and (self.user_noise_multiplier <= 0 or self.user_clip_norm <= 0):
             raise ConfigError(
                 f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "

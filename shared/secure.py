@@ -4,24 +4,32 @@ Each device clips its update to `user-clip-norm`, encodes it into Z_{2^secure-bi
 Gaussian share of the noise (`shared.privacy.distributed_dp`), and only the modular sum of the shares is
 revealed. Both sides derive the round's plan from the run configuration, the expected number of devices and
 the update's dimension, so nothing beyond those public values and a public rotation seed travels with it.
-In simulation the server computes that modular sum directly (the same encoding, arithmetic, noise shares and
-dropout handling); on the deployment engine the shares travel masked by secure aggregation, and a deployed
-device never sends an unmasked share.
+In simulation the server may compute that modular sum directly (the same encoding, arithmetic, noise shares
+and dropout handling); with `secure-aggregation = true` (either engine) the shares travel through Flower's
+SecAgg+ (`secagg_input`, `secagg_total`), and a deployed device never sends an unmasked share.
+
+Through SecAgg+: Flower's mod quantises floats as round((clip(x, -R, R) + R) * T / 2R) with stochastic
+rounding, so a share k in [0, T), T = 2^secure-bits, is sent as x = k - T/2 with R = T/2 and quantisation
+range T: then (x + R) * T / 2R = k exactly (float64 holds these integers exactly, the scale is exactly 1,
+and `_stochastic_round` leaves an exact integer unchanged: ceil(k) = k, and it subtracts 1 only where a
+uniform draw is below ceil(k) - k = 0, never). The workflow sums the integers modulo 2^32 (exact while
+N x T < 2^32: `shared.privacy.secagg_plan.plan`) and hands the strategy the mean (S - N T/2) / N of the
+N devices' x; `secagg_total` recovers S and reduces it modulo 2^bits: the modular sum of the shares.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from shared.config import RunConfig
-from shared.privacy.distributed_dp import MECHANISM, DDGPlan, decode, encode, modular_sum, plan_ddg
+from shared.privacy.distributed_dp import MECHANISM, DDGPlan, decode, encode, plan_ddg
 
-__all__ = ["MECHANISM", "ShareError", "check_share", "decode_mean", "dimension", "flatten", "noised_share",
-           "round_plan", "unflatten"]
+__all__ = ["MECHANISM", "ShareError", "check_share", "decode_total", "dimension", "flatten",
+           "noised_share", "round_plan", "secagg_input", "secagg_ranges", "secagg_total", "unflatten"]
 
 
 class ShareError(ValueError):
@@ -69,8 +77,37 @@ def check_share(share: torch.Tensor, plan: DDGPlan, source: str) -> None:
         raise ShareError(f"share from {source}: values outside [0, 2^{plan.bits}); the device runs a different secure-bits")
 
 
-def decode_mean(shares: Sequence[torch.Tensor], plan: DDGPlan, rotation_seed: int, denominator: float,
-                reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Server side: the modular sum of the shares, decoded, over the fixed denominator."""
-    total = modular_sum((s.numpy() for s in shares), plan.bits)
+def decode_total(total: np.ndarray, plan: DDGPlan, rotation_seed: int, denominator: float,
+                 reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Server side: a modular sum of shares (however it was computed), decoded, over the fixed denominator."""
     return unflatten(decode(total, plan, rotation_seed) / denominator, reference)
+
+
+def secagg_ranges(bits: int) -> tuple[float, int]:
+    """(clipping_range, quantization_range) for `SecAggPlusWorkflow` carrying shares of `bits` bits."""
+    return float(2 ** (bits - 1)), 2**bits
+
+
+def secagg_input(share: torch.Tensor | np.ndarray, bits: int) -> np.ndarray:
+    """Device side: the float64 vector x = k - 2^(bits-1) that Flower's mod quantises back to exactly k."""
+    k = np.asarray(share, dtype=np.int64)
+    if k.ndim != 1 or (k.size and (int(k.min()) < 0 or int(k.max()) >= 2**bits)):
+        raise ShareError(f"a share must be a flat vector in [0, 2^{bits}), got shape {k.shape}")
+    return k.astype(np.float64) - float(2 ** (bits - 1))
+
+
+def secagg_total(mean: np.ndarray, devices: int, bits: int) -> np.ndarray:
+    """Server side: the modular sum (int64 in [0, 2^bits)) of `devices` shares from the SecAgg+ workflow's
+    mean of their `secagg_input` vectors: S = N * mean + N * 2^(bits-1), an integer below 2^32, recovered
+    by rounding (the workflow's division by N leaves an error below 2^-19 at that size)."""
+    if devices < 1:
+        raise ShareError(f"{devices} devices: a secure sum needs at least one share")
+    scaled = np.asarray(mean, dtype=np.float64).reshape(-1) * devices
+    whole = np.rint(scaled)
+    if not np.all(np.isfinite(scaled)) or float(np.max(np.abs(scaled - whole), initial=0.0)) > 1e-3:
+        raise ShareError("the SecAgg+ mean times the device count is not an integer vector: the devices did not "
+                         "send secure-bits shares (or the sum wrapped)")
+    total = whole.astype(np.int64) + devices * 2 ** (bits - 1)
+    if total.size and (int(total.min()) < 0 or int(total.max()) > devices * 2**bits):
+        raise ShareError(f"the SecAgg+ sum lies outside [0, {devices} x 2^{bits}]: not a sum of {devices} shares")
+    return np.bitwise_and(total, 2**bits - 1)

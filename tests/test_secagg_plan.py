@@ -183,26 +183,26 @@ class FakeManager:
 def test_server_refuses_a_round_that_can_wrap_and_records_the_plan(tmp_path):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-    from server.secagg import SecureDPFedAvg
+    from server.secagg import SecAggFedAvg
     from shared.config import load_config
 
     cfg = load_config(overrides={"secure-aggregation": True, "dp": "user", "trust-model": "central", "min-clients": 2,
                                  "secagg-quantization-bits": 22, "out": str(tmp_path)})
     initial = {"w": torch.zeros(30, 10), "b": torch.zeros(10)}
-    strategy = SecureDPFedAvg(cfg, initial, tmp_path)
+    strategy = SecAggFedAvg(cfg, initial, tmp_path)
     params = ndarrays_to_parameters([v.numpy() for v in initial.values()])
     assert len(strategy.configure_fit(1, params, FakeManager(1023))) == 1023
     assert strategy.plan.devices == 1023 and not strategy.refused
     # The accounted noise multiplier is sigma * C over the rounded update's sensitivity.
     d = 310
-    assert strategy.noise_multiplier == pytest.approx(
+    assert strategy.mechanism.noise_multiplier == pytest.approx(
         cfg.user_noise_multiplier * cfg.user_clip_norm / (cfg.user_clip_norm + math.sqrt(d) * 2 * cfg.user_clip_norm / 2**22))
     # The round's ledger entry: the accounted (effective) noise multiplier, the configured one and the plan.
     mean = [np.full((30, 10), 0.01, dtype=np.float32), np.zeros(10, dtype=np.float32)]
     fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), 1, {})
     strategy.aggregate_fit(1, [(FakeProxy(str(i)), fit) for i in range(3)], [])
     (entry,) = strategy.ledger.entries
-    assert entry.noise_multiplier == strategy.noise_multiplier < cfg.user_noise_multiplier
+    assert entry.noise_multiplier == strategy.mechanism.noise_multiplier < cfg.user_noise_multiplier
     assert entry.details["configured_noise_multiplier"] == cfg.user_noise_multiplier
     sec = entry.details["secagg"]
     assert (sec["quantization_bits"], sec["modulus"], sec["clip_range"], sec["dimension"]) == (22, 2**32, cfg.user_clip_norm, d)

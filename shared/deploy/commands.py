@@ -8,6 +8,7 @@ TLS and requires registered SuperNode keys.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 from shared.config import ConfigError
 from shared.deploy.config import DeploySettings, require_file
@@ -39,9 +40,11 @@ def superlink_command(s: DeploySettings) -> list[str]:
     return command
 
 
-def node_config(data_dir: Path, state_dir: Path | None = None, cache_dir: Path | None = None) -> str:
-    """The --node-config string the ClientApp reads (client/app.py device_for)."""
-    pairs = {"data-dir": str(data_dir)}
+def node_config(data_dir: Path, state_dir: Path | None = None, cache_dir: Path | None = None,
+                extra: Mapping[str, object] | None = None) -> str:
+    """The --node-config string the ClientApp reads (client/app.py device_for); `extra` adds keys (a test's
+    `partition-id` for fault injection)."""
+    pairs: dict[str, object] = {"data-dir": str(data_dir), **(extra or {})}
     if state_dir:
         pairs["state-dir"] = str(state_dir)
     if cache_dir:
@@ -56,6 +59,7 @@ def supernode_command(
     runtime_port: int | None = None,
     state_dir: Path | None = None,
     ca_cert: Path | None = None,
+    extra_node_config: Mapping[str, object] | None = None,
 ) -> list[str]:
     """flower-supernode for one device: verifies the SuperLink against the CA, authenticates with the
     device's key, and gives the ClientApp its own data directory. Arguments override [supernode]."""
@@ -73,7 +77,7 @@ def supernode_command(
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key),
         "--port", str(runtime_port or sn.runtime_port),  # local Runtime API: one port per SuperNode
-        "--node-config", node_config(data_dir, state_dir or sn.state_dir, sn.cache_dir),
+        "--node-config", node_config(data_dir, state_dir or sn.state_dir, sn.cache_dir, extra_node_config),
     ]
 
 

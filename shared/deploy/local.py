@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from shared.deploy.commands import (
     register_command,
@@ -80,11 +81,13 @@ class LocalFederation:
         self.stop()
 
 
-def run_on_loopback(root: Path, app_dir: Path, devices: int, users_per_device: int, run: dict) -> tuple:
+def run_on_loopback(root: Path, app_dir: Path, devices: int, users_per_device: int, run: dict,
+                    node_config: Callable[[int], dict] | None = None) -> tuple:
     """One secured federation run end to end under `root`: slice MovieLens-100K (or the configured
     dataset) into `devices` directories, make a CA, SuperLink certificate and device keys, start the
     TLS SuperLink with node authentication and one SuperNode per device, register the keys, `flwr run`
     with the `run` settings (their `out` and `dataset` are set here), and stop everything.
+    `node_config(k)` adds keys to device k's node config (fault injection in benchmarks: `partition-id`).
     Returns (the partition, the deployment settings); the run directory is `root / "run"`."""
     from shared.config import RunConfig
     from shared.data.resolve import resolve_dataset
@@ -108,7 +111,8 @@ def run_on_loopback(root: Path, app_dir: Path, devices: int, users_per_device: i
             if registered.returncode != 0:
                 raise RuntimeError(f"registering {key.public} failed: {registered.stderr[-2000:]}")
         for k in range(devices):
-            federation.start_supernode(f"supernode-{k}", data_dir=data.devices[k], private_key=keys[k].private)
+            federation.start_supernode(f"supernode-{k}", data_dir=data.devices[k], private_key=keys[k].private,
+                                       extra_node_config=node_config(k) if node_config else None)
         result = federation.run(app_dir, timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"flwr run failed: {federation.log('flwr-run').read_text()[-2000:]}")

@@ -43,9 +43,12 @@ SELF_ATTESTATION = (
 
 def secure_aggregation_ran(v: Verification) -> bool:
     """Secure aggregation ran only where the configuration turned it on and every server ledger entry records
-    a SecAgg+ round; SecAgg settings alone (they always have defaults) say nothing."""
+    a SecAgg+ round (`dp-fedavg-secagg`, or a `ddg-secure-sum` naming its protocol); SecAgg settings alone
+    (they always have defaults) say nothing."""
     return (v.config.get("secure-aggregation") is True and bool(v.server_entries)
-            and all(e.mechanism == DP_FEDAVG_SECAGG for e in v.server_entries))
+            and all(e.mechanism == DP_FEDAVG_SECAGG
+                    or (e.mechanism == DDG_SECURE_SUM and bool(e.details.get("secure_aggregation")))
+                    for e in v.server_entries))
 
 
 def trust_model_ran(v: Verification) -> str:
@@ -64,11 +67,13 @@ def threat_model(v: Verification) -> dict[str, Any]:
     never = "never the device's data, private user vector or history summary"
     trust = trust_model_ran(v)
     if trust == "secure":
+        how = ("the shares travelled masked by SecAgg+ (masks from a cryptographic PRG; secure aggregation ran: "
+               "every entry names it), so only their sum was unmasked" if secagg else
+               "no secure aggregation ran: the server computed that sum directly from shares that passed through the "
+               "simulation process (a deployed device sends shares only under secure aggregation)")
         sees = ("only the modular sum of the devices' discrete Gaussian noise shares (trust-model = secure: every "
                 "server ledger entry is a ddg-secure-sum round; each device added its share before its update left "
-                "it). In simulation the server computes that sum directly from shares that pass through the "
-                "simulation process; deployed, shares travel masked by secure aggregation; "
-                f"{never}")
+                f"it); {how}; {never}")
     elif secagg:
         sees = ("only the sum of each round's clipped, quantised updates (SecAgg+ secure aggregation ran: "
                 "secure-aggregation = true and every server ledger entry is dp-fedavg-secagg), before it adds the "

@@ -15,8 +15,10 @@ expected value and where that expectation comes from:
   batch-size, and no data-dependent value such as the device's example count), `gaussian-history-release`
   (history-noise-multiplier, one unsampled release of sensitivity 1, on the data-independent schedule set
   by history-refresh-rounds), `dp-fedavg` (user noise multiplier and clip norm, a sample rate equal to
-  fraction-train where amplification is claimed and 1 where it is not) and `dp-fedavg-secagg` (the same,
-  under secure-aggregation = true only); any other kind is refused;
+  fraction-train where amplification is claimed and 1 where it is not), `dp-fedavg-secagg` (the same,
+  under secure-aggregation = true only) and `ddg-secure-sum` (trust-model = secure: the plan the
+  configuration implies, enough surviving shares, and the protocol that summed them exactly when
+  secure-aggregation = true); any other kind is refused;
 - that no mechanism is missing: every round of rounds.jsonl that aggregated clients has its server entry
   under user-level DP and a `dp-sgd` entry in as many device ledgers under record-level DP, and every
   device that trained released its history summary;
@@ -245,6 +247,13 @@ def _ddg_rules(v: Verification, e: LedgerEntry) -> Rules:
             problems.append(f"details.plan.{name} is {recorded.get(name)!r}, expected {value!r} (the plan "
                             f"user-clip-norm, user-noise-multiplier and secure-bits imply for {n} expected devices, "
                             f"{v.config_source})")
+    protocol = d.get("secure_aggregation")
+    if v.config.get("secure-aggregation") is True and (not isinstance(protocol, str) or not protocol):
+        problems.append(f"details.secure_aggregation is {protocol!r}, but secure-aggregation is true "
+                        f"({v.configured('secure-aggregation')}): expected the protocol that summed the shares")
+    elif v.config.get("secure-aggregation") is not True and protocol is not None:
+        problems.append(f"details.secure_aggregation is {protocol!r}, but secure-aggregation is "
+                        f"{v.config.get('secure-aggregation')!r} ({v.configured('secure-aggregation')}): no protocol ran")
     least = max(1, math.ceil(v.config.get("secure-min-fraction", 1.0) * n))
     if survivors < least or survivors > d.get("sampled", survivors):
         problems.append(f"details.survivors is {survivors}, expected {least} .. {d.get('sampled')} (secure-min-fraction "
