@@ -5,6 +5,8 @@ The server adds no noise: each device added its discrete Gaussian share before i
 (`shared.secure.noised_share`). Fewer shares than expected carry less noise, so a round is decoded only
 when at least `secure-min-fraction` of the expected devices sent one (the worst case the budget check
 assumes), and the ledger records how many were summed: the accountant charges exactly that noise.
+The modular sum comes either from the shares themselves (`aggregate`, simulation without secure
+aggregation) or from Flower's SecAgg+, which reveals only the sum (`decode`, server/secagg.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import torch
 
 from server.aggregate import Aggregate
 from shared.config import RunConfig
-from shared.privacy.distributed_dp import DDGPlan
-from shared.privacy.distributed_dp import modular_sum
+from shared.privacy.distributed_dp import DDGPlan, modular_sum
 from shared.secure import ShareError, check_share, decode_total, dimension, round_plan
 
 
