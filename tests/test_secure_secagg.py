@@ -201,7 +201,8 @@ def secagg_round(tmp_path: Path, **overrides):
     silent = overrides.pop("silent", ())
     cfg = load_config(overrides={"dp": "user", "trust-model": "secure", "secure-aggregation": True,
                                  "secagg-audit": True, "min-clients": DEVICES, "num-rounds": 1,
-                                 "user-noise-multiplier": 0.5, "out": str(tmp_path / "run"), **overrides})
+                                 "user-noise-multiplier": 0.5, "secure-min-fraction": 0.8, "user-epsilon-budget": 100.0,
+                                 "out": str(tmp_path / "run"), **overrides})
     (tmp_path / "run").mkdir()
     masks.install()
     strategy = SecAggFedAvg(cfg, {k: v.clone() for k, v in REFERENCE.items()}, tmp_path / "run")
@@ -277,7 +278,8 @@ def engine_run(tmp_path_factory):
     cfg = load_config(overrides={
         "dataset": str(data), "out": str(root / "run"), "cache-dir": str(root / "cache"), "num-rounds": 2,
         "eval-negatives": 49, "dp": "user", "trust-model": "secure", "secure-aggregation": True,
-        "secagg-audit": True, "fault-drop-after-key-sharing": 2, "min-clients": 5, "user-delta": 1e-3})
+        "secagg-audit": True, "fault-drop-after-key-sharing": 2, "min-clients": 5, "user-delta": 1e-3,
+        "secure-min-fraction": 0.8, "user-noise-multiplier": 1.0, "user-epsilon-budget": 20.0})
     return root / "run", cfg, simulate(cfg, log=lambda *_: None)
 
 
