@@ -92,10 +92,10 @@ def register(commands) -> None:
     emp.add_argument("run_dir", type=Path, nargs="?",
                      help="audit this run's configuration (federated.json); without it, a small synthetic set-up")
     emp.add_argument("--level", choices=("record", "user", "both"), default="both")
-    emp.add_argument("--canaries", type=int, help="with RUN_DIR: the most canaries per audit (default 10,000, about "
-                     "1 GB at the ML-100K model); without: the canary count (default 1,000)")
-    emp.add_argument("--margin", type=float, help="audit the longest prefix of the run whose claim plus this (default 1) "
-                     "all-right guesses could certify")
+    emp.add_argument("--canaries", type=int, help="with RUN_DIR: the most canaries per audit (default 10,000: 1.5 GB "
+                     "peak at the ML-100K model); without: the canary count (default 1,000)")
+    emp.add_argument("--margin", type=float, help="audit the longest prefix of the run whose claim plus this "
+                     "(default 1) all-right guesses could certify")
     emp.add_argument("--size-runs", type=int, help="training runs per side of the size audit (default: as many as can "
                      "certify one round's claim plus 0.5, at most 3,000; 0 = skip)")
     emp.add_argument("--random-content", action="store_true",
@@ -103,7 +103,8 @@ def register(commands) -> None:
     emp.add_argument("--noise-fraction", type=float, default=1.0,
                      help="deliberately break the audited mechanisms: run them with this fraction of the claimed noise "
                      "(0 = none)")
-    emp.add_argument("--seed", type=int, help="seed of the canary directions and models (noise always comes from the OS)")
+    emp.add_argument("--seed", type=int,
+                     help="seed of the canary directions and models (noise always comes from the OS)")
     emp.add_argument("--json", help="also write the results to this file (with RUN_DIR they are always written to "
                      "RUN_DIR/empirical-audit.json)")
     emp.set_defaults(func=_empirical)

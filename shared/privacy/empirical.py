@@ -18,15 +18,19 @@ What the bound can reach (measured with the functions below; 95% confidence, all
   P[Binomial(r, Q) = r - 1] ~ r e^-eps Q^(r-1) near the bound, so it caps the bound however many canaries
   are added. For a fixed m the best is to guess on every canary (r = m; fewer guesses only lose, the delta
   term still counts all m canaries), and over m the bound rises to a peak and then falls. At delta = 1e-5,
-  one guess count: 1,000 canaries certify 5.78, 10,000 certify 7.83, 30,000 certify 8.24 (the peak), 50,000
-  only 8.20. With two guess counts (Bonferroni 2): 1,000 -> 5.53, 10,000 -> 7.45, 15,000 -> 7.54 (peak),
-  50,000 -> 7.43; with the six counts of the first version (20 .. 1000): 5.27 at 1,000, at most 6.43 (near
-  7,000). At the user level's delta = 1e-4 the peak is about 5.2 (2,000 canaries, two counts). So at delta
-  1e-5 NO one-run audit of this kind, with any number of canaries, refutes a claim above ~8.2, and claims
-  of 16-18 (what record-level runs print) are out of reach of every design tried here: a multi-run
-  distinguisher needs a false-positive rate below e^-eps, i.e. ~e^eps log(1/c) runs per side (27 million at
-  eps = 16). What an audit can do is test the run's mechanism on fewer steps (a prefix of the run, e.g. its
-  first rounds), whose claim is lower: `audit_run` does that, and says which prefix and which claim.
+  one guess count r = m: 1,000 canaries certify 5.78, 10,000 certify 7.83, 30,000 certify 8.24 (the peak),
+  50,000 only 8.20. Two counts (m/2, m) (Bonferroni 2): 5.56, 7.45, 7.54 at 15,000 (their peak), 7.43 at
+  50,000. The first version's six counts (20 .. 1000) certify 5.27 at 1,000 canaries and less with more
+  (4.07 at 10,000: its largest count stays 1,000 while the delta term grows). At the user level's delta
+  = 1e-4 the peak is 5.85 (one count, 5,000 canaries). So at delta 1e-5 NO one-run audit of this kind, with
+  any number of canaries, refutes a claim above ~8.2, and the claims of 16-18 that record-level runs print
+  are out of reach of every design tried here; a multi-run distinguisher is no way out, since it needs a
+  false-positive rate below e^-eps, i.e. ~e^eps log(1/0.025) runs per side (33 million at eps = 16). What an
+  audit can do is test the run's mechanism on fewer steps (a prefix of the run, e.g. its first rounds),
+  whose claim is lower: `audit_run` does that, and says which prefix and which claim.
+- All-right guesses must be possible: two-sided guesses put k/2 "in" and k/2 "out", which needs k/2 <= both
+  the present and the absent count (Binomial(m, 1/2)), so the designs here use k <= m - 3 sqrt(m): 1,000
+  canaries -> counts (452, 905), certifiable 5.46; 10,000 -> 7.42 (two counts) or 7.80 (one).
 - Poisson sampling: a canary present but never sampled in any step is indistinguishable from an absent
   one, so "out" guesses are right only if every present canary was sampled (expected misses
   m/2 (1 - q)^T). Where misses are expected the design guesses only "in" (the top scores), at most about
@@ -41,8 +45,13 @@ The audits, each on avrec's real code path:
 - record level, DP-SGD (white-box gradient canaries): a real Opacus DP-SGD run of avrec's two-tower model
   through `client.trainer.train_local`; each present canary is Poisson-sampled into each step like an
   example and contributes the per-sample gradient C * u_i (u_i a unit direction over the trainable
-  parameters), appended to Opacus's per-sample gradients before clipping and noise; score = -<theta_T -
-  theta_0, u_i> (per parameter group, over its learning rate).
+  parameters), appended to Opacus's per-sample gradients before clipping and noise; score = <-B (theta_T -
+  theta_0) / lr - (the real examples' clipped gradients summed over the steps), u_i>. Subtracting what the
+  white-box auditor knows (the real examples' batches and clipped gradients) is valid, since the subsampled
+  Gaussian's analysis holds for any fixed contribution of the other examples, and it matters: on a small
+  model the real gradients' projections were larger than a canary's own signal (noise switched off: 488 of
+  500 guesses right without the subtraction, all with it; noise cut tenfold: lower bound 2.8 before, 4.5
+  after).
 - record level, history release: canary rows (orthonormal unit vectors of the content space, sensitivity
   1 like every history row) added to the history sum `client.history.release_history` noises; score =
   <release - the user's exact sum, u_i>.
@@ -57,8 +66,13 @@ The audits, each on avrec's real code path:
   fixed denominator), or under SecAgg+ through Flower's quantisation arithmetic and `noised_mean` (claim: the
   effective noise multiplier the run accounts); score = <sum of the aggregated deltas, u_i>. The other
   clients' updates are random vectors of norm up to C: the audit concerns the mechanism, which treats every
-  update alike. Trust model `secure` (distributed discrete Gaussian) is not audited here: it is reported as
-  such.
+  update alike, and are subtracted from the scores like the real examples at record level. Trust model
+  `secure` (distributed discrete Gaussian) is not audited here: it is reported as such.
+
+`audit_run` (`avrec audit empirical RUN_DIR`) reads the run's configuration and audits, with the run's own
+model and content, each mechanism on the longest prefix of the run (whole rounds, else steps of one round)
+whose claim plus `margin` the planned canaries could certify, and says so; the whole run's claim is
+reported with the largest epsilon any one run could certify for it.
 
 `noise_fraction` breaks the training on purpose (the mechanism runs with that fraction of the noise the
 ledger claims) to show that the audit catches it.
@@ -67,6 +81,7 @@ ledger claims) to show that the audit catches it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -87,7 +102,7 @@ CONFIDENCE = 0.05
 GUESS_COUNTS = (20, 50, 100, 200, 500, 1000)  # the first version's fixed design (two-sided, Bonferroni over six)
 CANARY_GRID = (1000, 2000, 5000, 10_000, 15_000, 20_000, 30_000, 50_000)
 CANARY_CAP = 50_000  # plan_canaries's default cap
-RUN_CANARY_CAP = 10_000  # `audit_run`'s default: about 1 GB at the ML-100K model's 51k parameters
+RUN_CANARY_CAP = 10_000  # `audit_run`'s default: 1.5 GB peak at the ML-100K model's 51k parameters
 MARGIN = 1.0  # a plan is feasible when all-right guesses would certify the claim plus this
 SIZE_MARGIN = 0.5
 SIZE_CAP = 3000  # test runs per side at most in the size audit
@@ -290,6 +305,31 @@ def _coin_flips(m: int) -> np.ndarray:
     return np.random.default_rng(secrets.randbits(128)).random(m) < 0.5
 
 
+@contextlib.contextmanager
+def _quiet():
+    """One torch thread (these small steps ran 6x slower with two threads on two shared cores), and without
+    Opacus's notices on every step (empty first batch, backward hooks): stated in the docs instead."""
+    logger = logging.getLogger("opacus.data_loader")
+    level, threads = logger.level, torch.get_num_threads()
+    logger.setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield
+    finally:
+        logger.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+def _calm(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _quiet():
+            return fn(*args, **kwargs)
+    return run
+
+
 def _content(n_items: int, dim: int, generator: torch.Generator):
     from shared.features import ItemContent
 
@@ -301,7 +341,8 @@ def random_unit_content(n_items: int, dims: dict[str, int], generator: torch.Gen
     """Random unit content rows of the given shapes (when the run's own content cannot be loaded)."""
     from shared.features import ItemContent
 
-    feats = {k: torch.nn.functional.normalize(torch.randn(n_items, d, generator=generator), dim=-1) for k, d in dims.items()}
+    feats = {k: torch.nn.functional.normalize(torch.randn(n_items, d, generator=generator), dim=-1)
+             for k, d in dims.items()}
     return ItemContent(feats, torch.ones(n_items, len(dims)), 0, 0.0)
 
 
@@ -371,6 +412,7 @@ def trainable_dim(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@_calm
 def audit_dp_sgd(model, train_items: np.ndarray, history: torch.Tensor, cfg, canaries: int, delta: float,
                  noise_fraction: float = 1.0, generator: torch.Generator | None = None,
                  design: GuessDesign | None = None) -> dict[str, Any]:
@@ -385,8 +427,7 @@ def audit_dp_sgd(model, train_items: np.ndarray, history: torch.Tensor, cfg, can
     present = _coin_flips(canaries)
     injector = GradientCanaries(directions, present, rate, cfg.clip_norm, noise_fraction)
     before = {id(p): p.detach().clone() for p in model.parameters() if p.requires_grad}
-    with _quiet():
-        result = train_local(model, train_items, history, cfg, secrets.randbits(62), dp=True, after_backward=injector)
+    result = train_local(model, train_items, history, cfg, secrets.randbits(62), dp=True, after_backward=injector)
     if injector.params is None:
         raise RuntimeError("no DP-SGD step sampled an example: nothing was audited")
     # theta_T - theta_0 = -lr / B * sum over steps of (clipped real + clipped canaries + noise), per group's lr
@@ -482,20 +523,6 @@ def _chain(*hooks):
     return run
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Opacus's notices on every step (empty first batch, backward hooks): stated in the docs instead."""
-    logger = logging.getLogger("opacus.data_loader")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     """One-sided (lower, upper) bounds, each at level 1 - alpha, on a binomial proportion k / n."""
     low = 0.0 if k == 0 else float(stats.beta.ppf(alpha, k, n - k + 1))
@@ -573,7 +600,8 @@ def size_audit(cfg, content, n_catalogue: int, items: np.ndarray, n: int, histor
 
 def size_level(n: int = 19, runs: int = 600, calibration: int = 20, leaky_divisor: bool = False, seed: int = 0,
                noise_multiplier: float = 1.0, sample_rate: float = 0.5, steps: int = 2, batch_size: int = 10,
-               embedding_dim: int = 64, content_dim: int = 384, n_items: int = 40, delta: float = 1e-5) -> dict[str, Any]:
+               embedding_dim: int = 64, content_dim: int = 384, n_items: int = 40,
+               delta: float = 1e-5) -> dict[str, Any]:
     """Synthetic set-up of the size audit: random unit content, n vs n + 1 distinct interactions."""
     from shared.config import RunConfig
 
@@ -594,6 +622,7 @@ def _random_update(dim: int, clip: float, generator: torch.Generator) -> torch.T
     return u / u.norm() * clip * float(torch.rand(1, generator=generator))
 
 
+@_calm
 def audit_user_rounds(reference: dict[str, torch.Tensor], canaries: int, *, rounds: int, clip: float,
                       noise_multiplier: float, claimed_noise_multiplier: float, fraction: float, population: int,
                       delta: float, noise_fraction: float = 1.0, secagg_bits: int | None = None,
@@ -759,14 +788,31 @@ def _run_population(cfg, random_content: bool, generator: torch.Generator, log):
 def _prefix_plan(claim_of: Callable[[int], float], inclusion_of: Callable[[int], float], most: int, delta: float,
                  cap: int, margin: float) -> tuple[int, CanaryPlan]:
     """The largest prefix length (1 .. most) whose claim one run can certify with margin, and its plan; if
-    none, length 1 and its (infeasible) plan."""
+    none, length 1 and its (infeasible) plan. Lengths whose claim is above every design's ceiling are not
+    planned (claims grow with the length)."""
+    ceiling = max(largest_certifiable_epsilon(m, delta, guess_design(m, 1.0, 1).counts)
+                  for m in sorted({m for m in CANARY_GRID if m <= cap} | {int(cap)}))
     chosen = None
     for length in range(1, most + 1):
-        plan = plan_canaries(claim_of(length), delta, inclusion_of(length), cap=cap, margin=margin)
-        if not plan.feasible:
+        claim = claim_of(length)
+        if claim + margin > ceiling:
             break
-        chosen = (length, plan)
+        plan = plan_canaries(claim, delta, inclusion_of(length), cap=cap, margin=margin)
+        if plan.feasible:
+            chosen = (length, plan)
     return chosen or (1, plan_canaries(claim_of(1), delta, inclusion_of(1), cap=cap, margin=margin))
+
+
+def _whole_run(claim: float, delta: float, inclusion: float, log) -> dict[str, Any]:
+    """Whether any one-run audit (up to CANARY_CAP canaries) could refute the run's whole claim: said plainly."""
+    plan = plan_canaries(claim, delta, inclusion, cap=CANARY_CAP, margin=0.0)
+    if plan.feasible:
+        log(f"  the whole run's claim is within one-run reach with up to {CANARY_CAP:,} canaries and no margin "
+            f"({plan.message}); the audit below keeps to its own cap and margin")
+    else:
+        log(f"  the whole run's claim is out of reach: {plan.message}; a multi-run test would need about "
+            f"e^eps log(1/0.025) = {math.exp(min(claim, 700)) * math.log(40):.3g} runs per side. Audited instead:")
+    return plan.as_dict()
 
 
 def _record_audits(cfg, rounds: int, content, n_items: int, trains: list[np.ndarray], *, cap: int, margin: float,
@@ -787,6 +833,7 @@ def _record_audits(cfg, rounds: int, content, n_items: int, trains: list[np.ndar
     log(f"record level: the run claims epsilon {run_claim:.3f} at delta {delta:g} for a device in all {rounds} rounds "
         f"({releases} history release(s) at sigma {cfg.history_noise_multiplier:g}, {per_round * rounds} DP-SGD steps "
         f"at q {q:g}, sigma {sigma:g})")
+    out["run_claim_plan"] = _whole_run(run_claim, delta, inclusion_probability(q, per_round * rounds), log)
 
     # DP-SGD: the most whole rounds the audit can test, else the most steps of one round
     claim_steps = lambda t: _claim([SampledGaussian(sigma, q, t)], delta)  # noqa: E731
@@ -866,6 +913,7 @@ def _user_audit(cfg, rounds: int, content, n_items: int, population: int, *, cap
     trust = "central, SecAgg+ (the server sees only the sum)" if secagg else "central (DP-FedAvg)"
     log(f"user level ({trust}): the run claims epsilon {run_claim:.3f} at delta {delta:g} for a client in {per_client} "
         f"rounds (noise multiplier {claimed_sigma:.4g} accounted, fraction {fraction:g}, {population} clients)")
+    whole = _whole_run(run_claim, delta, inclusion_probability(rate, per_client), log)
     r_audit, plan = _prefix_plan(claim_rounds, lambda r: inclusion_probability(rate, r), per_client, delta, cap, margin)
     scope = f"the first {r_audit} of {per_client} rounds"
     log(f"  audited on {scope}: {plan.message}")
@@ -876,6 +924,7 @@ def _user_audit(cfg, rounds: int, content, n_items: int, population: int, *, cap
                           secagg_bits=cfg.secagg_quantization_bits if secagg else None, generator=generator,
                           design=plan.design)
     r.update(trust_model="central", secure_aggregation=secagg, run_claimed_epsilon=run_claim, run_rounds=per_client,
+             run_claim_plan=whole,
              audited=scope, plan=plan.as_dict(), mechanism="dp-fedavg-secagg" if secagg else "dp-fedavg",
              seconds=round(time.perf_counter() - began, 1))
     r["verdict"] = verdict(r)
