@@ -110,7 +110,8 @@ def run_dir(tmp_path_factory):
     data = write_planted_dataset(root / "planted", n_users=6, n_items=90, n_clusters=3, interactions_per_user=20,
                                  seed=0)
     cfg = load_config(overrides={"dataset": str(data), "out": str(root / "run"), "cache-dir": str(root / "cache"),
-                                 "num-rounds": 3, "eval-negatives": 49, "dp": "both", "user-noise-multiplier": 2.0})
+                                 "num-rounds": 3, "eval-negatives": 49, "dp": "both", "trust-model": "central",
+                                 "user-noise-multiplier": 2.0})
     (root / "run").mkdir()
     (root / "run" / "federated.json").write_text(json.dumps({"config": cfg.to_flat(), "rounds_run": 3}))
     return root / "run"
