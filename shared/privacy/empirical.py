@@ -67,7 +67,9 @@ The audits, each on avrec's real code path:
   effective noise multiplier the run accounts); score = <sum of the aggregated deltas, u_i>. The other
   clients' updates are random vectors of norm up to C: the audit concerns the mechanism, which treats every
   update alike, and are subtracted from the scores like the real examples at record level. Trust model
-  `secure` (distributed discrete Gaussian) is not audited here: it is reported as such.
+  `secure` (distributed discrete Gaussian, `audit_secure_rounds`): every client, absent canaries with a zero
+  update, sends its `noised_share` each round and the server's modular sum is decoded (`SecureRound`); the
+  claim is `ddg_epsilon` of exactly the audited rounds' plan and share count, without amplification.
 
 `audit_run` (`avrec audit empirical RUN_DIR`) reads the run's configuration and audits, with the run's own
 model and content, each mechanism on the longest prefix of the run (whole rounds, else steps of one round)
@@ -81,6 +83,7 @@ ledger claims) to show that the audit catches it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -712,6 +715,96 @@ def user_level(canaries: int = 1000, noise_fraction: float = 1.0, seed: int = 0,
                              generator=g)
 
 
+@_calm
+def audit_secure_rounds(reference: dict[str, torch.Tensor], canaries: int, *, rounds: int, cfg, population: int,
+                        delta: float, noise_fraction: float = 1.0, generator: torch.Generator | None = None,
+                        design: GuessDesign | None = None) -> dict[str, Any]:
+    """Canary clients among `population` others through `rounds` rounds of trust model `secure`: every update
+    goes through the real path, `SecureRound.plan_round` (public plan and rotation seed), each device's
+    `noised_share` (clip, rotate, round, its own discrete Gaussian share, mod 2^bits) and `SecureRound.aggregate`
+    (check, modular sum, decode over the fixed denominator). Every client takes part in every round (no
+    amplification claimed); an absent canary's device still sends a share of a zero update (its noise share
+    counts), which is the mechanism's neighbouring relation (`distributed_dp.NEIGHBOURING`). The claim is the
+    DDG accountant's for exactly these rounds: `ddg_epsilon([(plan, survivors, 1.0)] * rounds, delta)` with the
+    claimed configuration's plan. With `noise_fraction` < 1 the devices and the server run a plan whose
+    user-noise-multiplier is that fraction of the claimed one (fault injection)."""
+    from server.secure_sum import SecureRound
+    from shared.privacy.distributed_dp import ddg_epsilon
+    from shared.privacy.distributed_dp import modular_sum
+    from shared.secure import check_share, noised_share
+
+    generator = generator or torch.Generator().manual_seed(secrets.randbits(62))
+    names = list(reference)
+    sizes = [reference[k].numel() for k in names]
+    dim = sum(sizes)
+
+    def unflat(vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: part.reshape(reference[k].shape).to(reference[k].dtype)
+                for k, part in zip(names, torch.split(vec, sizes))}
+
+    clip = cfg.user_clip_norm
+    run_cfg = cfg
+    if noise_fraction != 1.0:  # fault injection; a copy set directly, since the config rightly refuses noise 0
+        run_cfg = copy.copy(cfg)
+        object.__setattr__(run_cfg, "user_noise_multiplier", cfg.user_noise_multiplier * noise_fraction)
+    design = design or guess_design(canaries, 1.0)
+    directions = Canaries(canaries, dim, generator)
+    present = _coin_flips(canaries)
+    devices = population + canaries  # public: every device (canary slots included) sends a share every round
+    zero = torch.zeros(dim)
+    total = torch.zeros(dim, dtype=torch.float64)
+    claimed_plan = survivors = None
+    for _ in range(rounds):
+        secure_round = SecureRound.plan_round(run_cfg, devices, reference)
+        claimed_plan = SecureRound.plan_round(cfg, devices, reference).plan
+        known = torch.zeros(dim, dtype=torch.float64)  # the other clients' part of the sum: the auditor's own
+
+        def shares() -> Iterator[tuple[str, torch.Tensor]]:
+            for i in range(population):
+                u = _random_update(dim, clip, generator)
+                known.add_(u.double())
+                yield f"client {i}", noised_share(unflat(u), run_cfg, secure_round.expected, secure_round.rotation_seed)
+            for i in range(canaries):
+                u = directions.rows([i])[0] * clip * (1 - 1e-6) if present[i] else zero
+                yield f"canary {i}", noised_share(unflat(u), run_cfg, secure_round.expected, secure_round.rotation_seed)
+
+        # `SecureRound.aggregate`'s steps (check each share, sum modulo 2^bits, `decode`), the sum kept running
+        # so that thousands of shares are never held at once
+        summed, survivors = None, 0
+        for source, share in shares():
+            check_share(share, secure_round.plan, source)
+            summed = modular_sum([share.numpy()] if summed is None else [summed, share.numpy()], secure_round.plan.bits)
+            survivors += 1
+        result = secure_round.decode(summed, survivors, reference)
+        if result.rejected or result.delta is None:
+            raise RuntimeError(f"the secure sum rejected audit shares: {result.rejected[:3]}")
+        total += torch.cat([result.delta[k].double().reshape(-1) for k in names]) - known / secure_round.denominator
+    # white-box: the other clients' updates are known to the auditor and subtracted (the DP claim holds for
+    # any fixed updates of the others)
+    scores = directions.project(total)
+    claimed = ddg_epsilon([(claimed_plan, survivors, 1.0)] * rounds, delta)
+    return {"level": "user", "claimed_epsilon": claimed, "delta": delta,
+            "noise_multiplier_claimed": cfg.user_noise_multiplier,
+            "noise_multiplier_configured": cfg.user_noise_multiplier, "noise_fraction_run": noise_fraction,
+            "rounds": rounds, "fraction": 1.0, "population": population, "devices": devices, "survivors": survivors,
+            "clip_norm": clip, "parameters": dim, "secure_bits": cfg.secure_bits,
+            "local_stddev_claimed": claimed_plan.local_stddev, **audit_scores(scores, present, delta, design)}
+
+
+def secure_user_level(canaries: int = 1000, noise_fraction: float = 1.0, seed: int = 0, rounds: int = 2,
+                      noise_multiplier: float = 2.0, other_clients: int = 50, delta: float = 1e-5) -> dict[str, Any]:
+    """Synthetic set-up of `user_level` under trust model `secure`: canary clients through the distributed
+    discrete Gaussian's real device and server code, every client every round (no amplification)."""
+    from shared.config import RunConfig
+    from shared.model import build_model, shared_state
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = RunConfig(dp="user", embedding_dim=16, trust_model="secure", user_noise_multiplier=noise_multiplier)
+    reference = shared_state(build_model(_content(300, 32, g), 300, cfg))
+    return audit_secure_rounds(reference, canaries, rounds=rounds, cfg=cfg, population=other_clients, delta=delta,
+                               noise_fraction=noise_fraction, generator=g)
+
+
 def run_empirical(level: str = "both", canaries: int = 1000, noise_fraction: float = 1.0, seed: int = 0,
                   log=print) -> dict[str, Any]:
     """The synthetic set-up (not a run's configuration): see `audit_run` for that."""
@@ -893,10 +986,8 @@ def _user_audit(cfg, rounds: int, content, n_items: int, population: int, *, cap
 
     delta, clip, sigma = cfg.user_delta, cfg.user_clip_norm, cfg.user_noise_multiplier
     if cfg.trust_model == "secure":
-        note = ("trust model secure (distributed discrete Gaussian shares): not audited empirically here; "
-                "`avrec audit verify` checks its recorded plans and recomputes its epsilon")
-        log(f"user level: {note}")
-        return {"trust_model": "secure", "audited": False, "reason": note}
+        return _secure_user_audit(cfg, rounds, content, n_items, population, cap=cap, margin=margin,
+                                  noise_fraction=noise_fraction, generator=generator, log=log)
     reference = shared_state(build_model(content, n_items, cfg))
     dim = sum(v.numel() for v in reference.values())
     secagg = cfg.secure_aggregation
@@ -930,6 +1021,52 @@ def _user_audit(cfg, rounds: int, content, n_items: int, population: int, *, cap
     r["verdict"] = verdict(r)
     log(_line("  user level", r))
     return r
+
+
+def _secure_user_audit(cfg, rounds: int, content, n_items: int, population: int, *, cap: int, margin: float,
+                       noise_fraction: float, generator: torch.Generator, log) -> dict[str, Any]:
+    """Trust model `secure`: canary clients through the devices' discrete Gaussian shares and the server's
+    modular sum and decode (`audit_secure_rounds`), every client every round, on the longest prefix of rounds
+    whose DDG claim the planned canaries could certify."""
+    from server.secure_sum import SecureRound
+    from shared.model import build_model, shared_state
+    from shared.privacy.distributed_dp import ddg_epsilon
+
+    delta = cfg.user_delta
+    reference = shared_state(build_model(content, n_items, cfg))
+    fraction = cfg.fraction_train
+    per_client = rounds
+    if cfg.max_rounds_per_client and fraction >= 1.0:
+        per_client = min(rounds, cfg.max_rounds_per_client)
+    rate = fraction if fraction < 1.0 else 1.0
+    # what the run charged each round: the plan for the expected devices, at its fewest decodable shares
+    run_round = SecureRound.plan_round(cfg, rate * population, reference)
+    run_claim = ddg_epsilon([(run_round.plan, run_round.min_survivors, rate)] * per_client, delta)
+    log(f"user level (secure, distributed discrete Gaussian): the run claims epsilon {run_claim:.3f} at delta "
+        f"{delta:g} for a client in {per_client} rounds (noise multiplier {cfg.user_noise_multiplier:g}, "
+        f"{run_round.min_survivors} of {run_round.expected} shares, fraction {fraction:g}, {population} clients)")
+    whole = _whole_run(run_claim, delta, inclusion_probability(rate, per_client), log)
+    # planned with the population's plan; the audit's own claim is recomputed for its devices (population
+    # plus canary slots), every one of them in every round (no amplification)
+    audit_plan = SecureRound.plan_round(cfg, population, reference).plan
+    claim_rounds = lambda r: ddg_epsilon([(audit_plan, population, 1.0)] * r, delta)  # noqa: E731
+    r_audit, plan = _prefix_plan(claim_rounds, lambda r: 1.0, per_client, delta, min(cap, _dimension(reference)),
+                                 margin)
+    scope = f"the first {r_audit} of {per_client} rounds, every client in every round"
+    log(f"  audited on {scope}: {plan.message}")
+    began = time.perf_counter()
+    r = audit_secure_rounds(reference, plan.canaries, rounds=r_audit, cfg=cfg, population=population, delta=delta,
+                            noise_fraction=noise_fraction, generator=generator, design=plan.design)
+    r.update(trust_model="secure", secure_aggregation=cfg.secure_aggregation, run_claimed_epsilon=run_claim,
+             run_rounds=per_client, run_claim_plan=whole, audited=scope, plan=plan.as_dict(),
+             mechanism="ddg-secure-sum", seconds=round(time.perf_counter() - began, 1))
+    r["verdict"] = verdict(r)
+    log(_line("  user level", r))
+    return r
+
+
+def _dimension(reference: dict[str, torch.Tensor]) -> int:
+    return sum(int(v.numel()) for v in reference.values())
 
 
 def audit_run(run_dir: str | Path, *, max_canaries: int = RUN_CANARY_CAP, margin: float = MARGIN,
