@@ -30,8 +30,10 @@ def _verify(args: argparse.Namespace) -> int:
         lines.append(f"  record level, recomputed: epsilon median {s['median']:.4f}, p95 {s['p95']:.4f}, "
                      f"max {s['max']:.4f} at delta {v.config['delta']:g} (equal to summary.json)")
     if v.user is not None:
+        how = (f"PLD; PRV {v.user.prv:.4f}, RDP {v.user.rdp:.4f}" if v.user.prv == v.user.prv  # NaN: no PRV ran
+               else v.user.accountant)
         lines.append(f"  user level, recomputed: epsilon {v.user.epsilon:.4f} at delta {v.config['user-delta']:g} "
-                     f"(PLD; PRV {v.user.prv:.4f}, RDP {v.user.rdp:.4f}) (equal to the stored values)")
+                     f"({how}) (equal to the stored values)")
     print("\n".join(lines))
     return 0
 
