@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from shared.config import load_config
-from shared.deploy.local import run_on_loopback
+from shared.deploy.local import run_on_loopback, save_report
 from simulations.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +47,7 @@ def main() -> dict:
                        "wall_seconds_including_baselines": round(simulated_wall, 1)},
         "settings": RUN,
     }
-    out = REPO / "runs" / "deploy_round_time.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report("deploy_round_time", report)
 
 
 if __name__ == "__main__":

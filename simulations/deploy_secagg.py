@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from shared.deploy.local import run_on_loopback
+from shared.deploy.local import run_on_loopback, save_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = 5
@@ -39,11 +39,7 @@ def main() -> dict:
                            "user_epsilon": row["user_epsilon"]})
     report = {"supernodes": DEVICES, "num_shares": cfg.secagg_num_shares,
               "reconstruction_threshold": cfg.secagg_reconstruction_threshold, "rounds": rounds}
-    out = REPO / "runs" / "deploy_secagg.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report("deploy_secagg", report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from shared.deploy.local import run_on_loopback
+from shared.deploy.local import run_on_loopback, save_report
 from shared.privacy.distributed_dp import modular_sum
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.verify import verify_run
@@ -81,11 +81,7 @@ def main() -> dict:
               "user_epsilon": federated.get("user_epsilon", rounds[-1]["user_epsilon"] if rounds else None),
               "audit_verify_ok": verified.ok, "audit_verify_problems": verified.problems[:5],
               "total_seconds": time.perf_counter() - started}
-    out = REPO / "runs" / "deploy_secure.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report("deploy_secure", report)
 
 
 if __name__ == "__main__":

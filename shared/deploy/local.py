@@ -117,3 +117,14 @@ def run_on_loopback(root: Path, app_dir: Path, devices: int, users_per_device: i
         if result.returncode != 0:
             raise RuntimeError(f"flwr run failed: {federation.log('flwr-run').read_text()[-2000:]}")
     return data, settings
+
+
+def save_report(name: str, report: dict) -> dict:
+    """A deployment benchmark's figures: printed, and saved as runs/<name>.json beside the repository."""
+    import json
+
+    out = Path(__file__).resolve().parents[2] / "runs" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
