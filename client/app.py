@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import Device
+from client.device import Device, Reply
 from client.directory import DeviceDirectory
 from client.secagg import is_legacy_fit, secure_mod, train_legacy
 from shared.config import RunConfig, from_flat
@@ -87,9 +87,14 @@ def train(msg: Message, context: Context) -> Message:
     device = device_for(context, cfg)
     if is_legacy_fit(msg):  # a SecAgg+ round (secure-aggregation = true): see client/secagg.py
         return train_legacy(msg, device, state_root(device))
-    server_round = int(msg.content["config"]["server-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
-    reply = device.train_round(global_state, server_round)
+    reply = device.train_round(global_state, int(msg.content["config"]["server-round"]))
+    return reply_message(msg, reply, device, cfg, global_state)
+
+
+def reply_message(msg: Message, reply: Reply, device: Device | DeviceDirectory, cfg: RunConfig,
+                  global_state: dict[str, torch.Tensor]) -> Message:
+    """What a device sends back for a train message (also built by the in-process engine, simulations/inprocess.py)."""
     records: dict = {"metrics": MetricRecord(reply.metrics)}
     simulated = isinstance(device, Device)
     if simulated and reply.evaluation:

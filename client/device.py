@@ -71,6 +71,15 @@ class Device:
             return secrets.randbits(62)
         return _seed(self.cfg.seed, self.user_id, server_round)
 
+    def private_start(self, model: TwoTower, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The private parameters this round starts from: last round's, or on first use drawn from a seed of
+        the run and the user (reproducible; they never leave the device)."""
+        private = {k: v for k, v in saved.items() if k != "history"}
+        if private:
+            return private
+        generator = torch.Generator().manual_seed(_seed(self.cfg.seed, self.user_id, "private-vector"))
+        return {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in private_state(model).items()}
+
     @property
     def history_sigma(self) -> float:
         return self.cfg.history_noise_multiplier if self.cfg.record_dp else 0.0
@@ -135,8 +144,7 @@ class Device:
         cfg = self.cfg
         model = build_model(self.content, self.n_catalogue, cfg)
         saved = self.state.load_private()
-        private = {k: v for k, v in saved.items() if k != "history"}
-        model.load_state_dict({**private_state(model), **private, **global_state}, strict=True)
+        model.load_state_dict({**self.private_start(model, saved), **global_state}, strict=True)
         history, history_event, release_meta = self._history(saved, server_round)
 
         if cfg.record_dp:
@@ -165,13 +173,16 @@ class Device:
         # The device serves the global weights it received with its freshly trained private vector: the
         # shared weights it trained locally carry this round's DP noise, which only averaging removes.
         model.load_state_dict(before, strict=False)
-        evaluation = {**self.evaluate(model, history), "train-loss": result.loss}
-        if cfg.user_dp:
+        return self.reply(delta, {**self.evaluate(model, history), "train-loss": result.loss})
+
+    def reply(self, delta: dict[str, torch.Tensor], evaluation: dict[str, float]) -> Reply:
+        """A trained round's reply (also built by the vectorised cohort trainer, simulations/cohort.py)."""
+        if self.cfg.user_dp:
             # Clipped on the device, so the same update works under secure aggregation.
-            delta = clip_update(delta, cfg.user_clip_norm)
+            delta = clip_update(delta, self.cfg.user_clip_norm)
         # Without DP the device may report how it ranks its held-out items and its loss; under DP these
         # depend on its records (the loss, the masked training items, the latest items), so they stay here.
-        sent = {} if cfg.dp != "none" else dict(evaluation)
+        sent = {} if self.cfg.dp != "none" else dict(evaluation)
         return Reply(delta, {**sent, "declined": 0.0}, evaluation=evaluation)
 
     @torch.no_grad()

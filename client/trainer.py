@@ -42,6 +42,15 @@ def sample_candidates(
     return torch.cat([targets.unsqueeze(1), negatives], dim=1)
 
 
+def example_draws(
+    targets: torch.Tensor, n_items: int, cfg: RunConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's random draws, in the order training makes them: candidates (B, 1 + K) and which examples
+    keep their ID embeddings (B,). Also replayed by the vectorised cohort trainer (simulations/cohort.py)."""
+    candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
+    return candidates, torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
+
+
 def example_logits(
     model: nn.Module,
     history: torch.Tensor,
@@ -56,8 +65,7 @@ def example_logits(
     `history` is the history sum, (B, H) or (1, H) for one user: each example leaves its own target out.
     `users` indexes private vectors in central training; `recent` (B, k) holds the items before each
     target (only where `cfg.train_recent`)."""
-    candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
-    keep = torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
+    candidates, keep = example_draws(targets, n_items, cfg, generator)
     return model(history.expand(targets.shape[0], -1), candidates, keep, users, recent, leave_out=targets)
 
 
@@ -68,6 +76,14 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     if private:
         groups.append({"params": private, "lr": cfg.private_learning_rate})
     return torch.optim.SGD(groups, lr=cfg.learning_rate)
+
+
+def example_loader(train_items: np.ndarray, cfg: RunConfig, generator: torch.Generator) -> DataLoader:
+    """Shuffled mini-batches of (targets[, the recent items before each])."""
+    tensors = [torch.as_tensor(np.asarray(train_items), dtype=torch.long)]
+    if cfg.train_recent:  # never under record-level DP (see shared.model.TwoTower.forward)
+        tensors.append(recent_contexts(train_items, cfg.recent_items)[:-1])
+    return DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True, generator=generator)
 
 
 def train_local(
@@ -92,10 +108,7 @@ def train_local(
     n = int(targets.shape[0])
     generator = torch.Generator().manual_seed(seed)
     history = history.reshape(1, -1).float()
-    tensors = [targets]
-    if cfg.train_recent:  # never under record-level DP (see shared.model.TwoTower.forward)
-        tensors.append(recent_contexts(train_items, cfg.recent_items)[:-1])
-    loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    loader = example_loader(train_items, cfg, generator)
     model.train()
     optimizer = _optimizer(model, cfg)
     criterion: nn.Module = nn.CrossEntropyLoss()

@@ -53,7 +53,7 @@ def config_from_args(args: argparse.Namespace):
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import simulate
 
-    simulate(config_from_args(args))
+    simulate(config_from_args(args), engine=args.engine)
     return 0
 
 
@@ -61,9 +61,12 @@ def register(commands) -> None:
     sim = commands.add_parser(
         "simulate",
         help="federated DP training on one machine through Flower's simulation engine",
-        description="Without options: MovieLens-100K, every user a client, record-level DP.",
+        description="Without options: MovieLens-100K, every user a client, user-level DP under the secure trust model.",
     )
     add_config_arguments(sim)
+    sim.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
+                     help="flower: Flower's simulation engine (default); inprocess: the same server loop and device "
+                          "code in one process with devices trained as a batch (fast; no SecAgg+ protocol)")
     sim.set_defaults(func=_simulate)
 
 

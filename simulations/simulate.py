@@ -13,13 +13,14 @@ import json
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.data.dataset import load_dataset
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
@@ -29,6 +30,7 @@ from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.participation import user_epsilon
 from simulations import baselines
 from simulations.engine import TreeMemory, run_app
+from simulations.inprocess import run_inprocess
 
 PACKAGES = ("avrec", "torch", "flwr", "ray", "opacus", "dp-accounting", "transformers", "numpy", "pandas")
 
@@ -66,7 +68,14 @@ def record_epsilons(state_dir: Path, delta: float) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
+ENGINES = ("flower", "inprocess")
+
+
+def simulate(cfg: RunConfig, log=print, engine: str = "flower") -> dict[str, Any]:
+    """`engine`: "flower" (Flower's simulation engine, a process per device message) or "inprocess" (the same
+    server loop and device code in this process, devices batched: simulations/inprocess.py)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     started = time.perf_counter()
     temp = None
     if not cfg.out:
@@ -94,7 +103,10 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
     )
     with TreeMemory() as memory:
         fed_started = time.perf_counter()
-        run_app(cfg.to_flat(), len(users), out / "engine")
+        if engine == "inprocess":
+            run_inprocess(cfg, len(users), str(dataset_dir), progress_line() if sys.stdout.isatty() else None)
+        else:
+            run_app(cfg.to_flat(), len(users), out / "engine")
         fed_seconds = time.perf_counter() - fed_started
         federated = json.loads((out / "federated.json").read_text())
         log("avrec: baselines (popularity; the same towers trained centrally without DP)")
@@ -143,6 +155,15 @@ def simulate(cfg: RunConfig, log=print) -> dict[str, Any]:
     else:
         log(f"avrec: run directory {out}")
     return summary
+
+
+def progress_line():
+    """A live line for a terminal: devices done of those asked this round, elapsed and estimated time left."""
+    def show(done: int, asked: int, seconds: float) -> None:
+        left = seconds / done * (asked - done) if done else float("nan")
+        end = "\n" if done == asked else ""
+        print(f"\r  devices {done}/{asked}  {seconds:6.1f} s elapsed  ~{left:5.1f} s left", end=end, flush=True)
+    return show
 
 
 def learned_modality_weights(model_file: Path, names: list[str]) -> dict[str, float]:
