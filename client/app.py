@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @functools.lru_cache(maxsize=2)
-def _population(cfg: RunConfig):
+def population(cfg: RunConfig):
     dataset_dir = resolve_dataset(cfg)
     dataset, content = load_cached(str(dataset_dir), cfg.modalities, cfg.cache_dir, EncoderSettings.from_config(cfg))
     split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
@@ -39,7 +39,7 @@ def _population(cfg: RunConfig):
 
 
 def simulated_device(cfg: RunConfig, partition_id: int) -> Device:
-    dataset, content, users = _population(cfg)
+    dataset, content, users = population(cfg)
     if not 0 <= partition_id < len(users):
         raise ValueError(
             f"partition-id {partition_id} is outside the {len(users)} users of this run; "

@@ -90,19 +90,24 @@ def noised_mean(
 
 
 class ServerOptimizer:
-    """Applies the aggregated update to the global weights: plain steps (`sgd`: x += lr * delta) or
-    FedAdam (Reddi et al. 2021), whose per-coordinate scaling lets item rows that few clients touch move
-    as fast as shared layers every client touches. Both only post-process the aggregate."""
+    """Applies the aggregated update to the global weights: plain steps (`sgd`: x += lr * delta, or with
+    `momentum` b the FedAvgM step x += lr * m, m = b m + delta, which averages the independent DP noise of
+    successive rounds) or FedAdam (Reddi et al. 2021), whose per-coordinate scaling lets item rows that few
+    clients touch move as fast as shared layers every client touches. All only post-process the aggregate."""
 
-    def __init__(self, kind: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, kind: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+                 momentum: float = 0.0) -> None:
         if kind not in ("sgd", "adam"):
             raise ValueError(f"server-optimizer = {kind!r}: expected sgd or adam")
-        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
+        self.kind, self.lr, self.beta1, self.beta2, self.tau, self.momentum = kind, lr, beta1, beta2, tau, momentum
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
     def step(self, state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.kind == "sgd":
+            if self.momentum:
+                self.m = {k: self.momentum * self.m[k] + d if k in self.m else d.clone() for k, d in delta.items()}
+                delta = self.m
             return {k: v + self.lr * delta[k] for k, v in state.items()}
         out = {}
         for k, value in state.items():

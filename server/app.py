@@ -183,7 +183,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
     chosen = participation(ledger.entries) if ledger is not None else {}
     last_round = {str(n): e.round for e in (ledger.entries if ledger else []) for n in e.details.get("participants", ())}
     device_heads: dict[str, dict] = {}
-    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate)
+    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, momentum=cfg.server_momentum)
     nodes = wait_for_nodes(grid, cfg.min_clients)
     log(INFO, "avrec: %d clients, %d rounds, dp=%s", len(nodes), cfg.num_rounds, cfg.dp)
     for server_round in range(1, cfg.num_rounds + 1):

@@ -159,7 +159,7 @@ class SecAggFedAvg(FedAvg):
         self.keys = list(initial)
         self.global_state = initial
         self.mechanism = DeviceShares(cfg, initial) if cfg.secure_trust else CentralNoise(cfg, initial)
-        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate)
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, momentum=cfg.server_momentum)
         self.recorder = RunRecorder(out)
         self.key, self.ledger = open_user_ledger(cfg, out)  # cfg validation: SecAgg+ needs user-level DP
         self.chosen: dict[str, int] = {}

@@ -62,6 +62,7 @@ class RunConfig:
     fraction_train: float = 1.0  # fraction of clients sampled per round
     server_optimizer: str = "sgd"  # sgd (x += lr * mean update) or adam (FedAdam)
     server_learning_rate: float = 10.0  # steps by this times the mean update: each item row is updated by few of the clients averaged
+    server_momentum: float = 0.0  # sgd with momentum (FedAvgM): averages the DP noise of successive rounds; post-processing
     min_clients: int = 2
     # Train messages kept in flight at once (0 = all): Flower's in-memory link state scans every stored
     # message for every node on each poll, so with 943 stored, polling took the CPU training needed.
@@ -113,6 +114,7 @@ class RunConfig:
     audio_encoder: str = "spectral"  # "spectral" (log-mel and MFCC statistics, no weights) or a local transformers model directory
     video_frames: int = 8  # frames sampled uniformly per video (decoded by seeking, never the whole file)
     video_shots: bool = False  # also sample the first frame after each detected shot change (up to video-frames more)
+    content_dim: int = 0  # keep this many principal components of each modality's public content (0 = all)
     # Audit (issue 4)
     server_key_dir: str = ""  # where the server keeps its Ed25519 ledger-signing key; "" = <out>/server
     # User level, only where amplification is not claimed (fraction-train = 1): each client takes part in
@@ -125,6 +127,8 @@ class RunConfig:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
         if self.id_embeddings not in ("auto", "true", "false"):
             raise ConfigError(f"id-embeddings = {self.id_embeddings!r}: expected auto, true or false")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"server-momentum = {self.server_momentum}: expected 0 <= value < 1")
         if self.server_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.trust_model not in TRUST_MODELS:
@@ -143,6 +147,8 @@ class RunConfig:
             raise ConfigError(f"fraction-train = {self.fraction_train}: expected 0 < value <= 1")
         if not 0.0 < self.record_sample_rate <= 1.0:
             raise ConfigError(f"record-sample-rate = {self.record_sample_rate}: expected 0 < value <= 1")
+        if self.content_dim < 0:
+            raise ConfigError(f"content-dim = {self.content_dim}: expected >= 0 principal components (0 = keep every dimension)")
         if self.history_refresh_rounds < 0:
             raise ConfigError(f"history-refresh-rounds = {self.history_refresh_rounds}: expected >= 0 (0 = release once)")
         if not 0.0 <= self.id_dropout < 1.0:

@@ -25,6 +25,7 @@ import torch
 from shared.data.dataset import Dataset, load_dataset
 from shared.encoders.cache import EmbeddingCache, file_digest
 from shared.encoders.errors import FailureTally, MediaError
+from shared.principal import principal_components
 
 COMPUTED = {"text", "image", "video", "audio"}  # modalities with an on-device encoder
 # The items.csv columns each computed feature reads.
@@ -39,10 +40,11 @@ class EncoderSettings:
     audio_encoder: str = "spectral"  # "spectral" or a local directory holding a transformers audio model
     video_frames: int = 8
     video_shots: bool = False
+    content_dim: int = 0  # principal components kept per modality (shared.principal); 0 keeps the encoder's width
 
     @classmethod
     def from_config(cls, cfg: Any) -> "EncoderSettings":
-        return cls(cfg.image_backbone, cfg.audio_encoder, cfg.video_frames, cfg.video_shots)
+        return cls(cfg.image_backbone, cfg.audio_encoder, cfg.video_frames, cfg.video_shots, cfg.content_dim)
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,8 @@ def item_content(
                 f"features/{modality}-<name>.npy file"
             )
     mask = np.stack([np.abs(v).sum(axis=1) > 0 for v in features.values()], axis=1)
+    if settings.content_dim:
+        features = {k: principal_components(v, m, settings.content_dim) for (k, v), m in zip(features.items(), mask.T)}
     return ItemContent(
         {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in features.items()},
         torch.from_numpy(mask.astype(np.float32)),
@@ -338,6 +342,8 @@ def catalogue_shapes(
         for path in files:
             if path.stem.split("-", 1)[0] == modality and path.stem not in dims:
                 dims[path.stem] = int(np.load(path, mmap_mode="r").shape[1])
+    if settings.content_dim:
+        dims = {k: min(d, settings.content_dim) for k, d in dims.items()}
     return len(items), dims
 
 

@@ -86,17 +86,19 @@ class InProcessGrid:
         return out
 
 
-def run_inprocess(cfg: RunConfig, clients: int, dataset_dir: str, progress: Progress | None = None) -> None:
-    """Run the ServerApp's loop to completion on `clients` in-process devices."""
+def run_inprocess(cfg: RunConfig, clients: int, dataset_dir: str, progress: Progress | None = None,
+                  threads: int | None = None) -> None:
+    """Run the ServerApp's loop to completion on `clients` in-process devices, with `threads` torch threads
+    (default: one per core)."""
     if cfg.secure_aggregation:
         raise ConfigError("secure-aggregation = true runs the SecAgg+ protocol, which only Flower's engines carry: "
                           "use --engine flower (trust-model = secure alone works in process)")
     # What Flower's ServerApp runner sets before `main`: message metadata reads it (one run, one task here).
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # client.app sets one thread for side-by-side devices
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)  # client.app sets one thread for side-by-side devices
     try:
         # Every train message of a round is pushed at once, so each pull trains the whole cohort together.
         run(InProcessGrid(cfg, clients, progress), cfg.replace(messages_in_flight=0), dataset_dir)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)

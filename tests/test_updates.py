@@ -66,3 +66,16 @@ def test_server_optimizers():
     # FedAdam's first step moves every coordinate by about lr in the update's direction, however small.
     moved = ServerOptimizer("adam", 0.1, tau=1e-9).step(state, delta)["w"]
     assert torch.allclose(moved, torch.tensor([0.1, -0.1]), atol=1e-4)
+
+
+def test_server_momentum_averages_successive_updates():
+    from server.aggregate import ServerOptimizer
+
+    state = {"w": torch.zeros(2)}
+    opt = ServerOptimizer("sgd", 1.0, momentum=0.5)
+    state = opt.step(state, {"w": torch.tensor([1.0, 0.0])})
+    state = opt.step(state, {"w": torch.tensor([0.0, 1.0])})
+    # m1 = d1, m2 = 0.5 d1 + d2: the noise of one round keeps acting, halved, in the next
+    torch.testing.assert_close(state["w"], torch.tensor([1.5, 1.0]))
+    plain = ServerOptimizer("sgd", 1.0)
+    assert torch.equal(plain.step({"w": torch.zeros(2)}, {"w": torch.ones(2)})["w"], torch.ones(2))
