@@ -38,7 +38,9 @@ def test_devices_and_server_agree_on_reduced_shapes(tmp_path):
     from shared.features import EncoderSettings, catalogue_shapes, item_content
 
     root = write_planted_dataset(tmp_path / "data", n_users=4, n_items=60, seed=2)
+    (root / "features").mkdir(exist_ok=True)
+    np.save(root / "features" / "image-precomputed.npy", np.random.default_rng(1).normal(size=(60, 40)).astype(np.float32))
     settings = EncoderSettings(content_dim=16)
-    content = item_content(load_dataset(root), ["text"], tmp_path / "cache", settings)
-    assert {k: tuple(v.shape) for k, v in content.features.items()} == {"text": (60, 16)}
-    assert catalogue_shapes(root, ["text"], settings) == (60, {"text": 16})
+    content = item_content(load_dataset(root), ["image"], tmp_path / "cache", settings)
+    assert {k: tuple(v.shape) for k, v in content.features.items()} == {"image-precomputed": (60, 16)}
+    assert catalogue_shapes(root, ["image"], settings) == (60, {"image-precomputed": 16})
