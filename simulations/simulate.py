@@ -71,9 +71,10 @@ def record_epsilons(state_dir: Path, delta: float) -> dict[str, Any]:
 ENGINES = ("flower", "inprocess")
 
 
-def simulate(cfg: RunConfig, log=print, engine: str = "flower") -> dict[str, Any]:
+def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: bool = True) -> dict[str, Any]:
     """`engine`: "flower" (Flower's simulation engine, a process per device message) or "inprocess" (the same
-    server loop and device code in this process, devices batched: simulations/inprocess.py)."""
+    server loop and device code in this process, devices batched: simulations/inprocess.py).
+    `with_baselines`: also popularity and the towers trained centrally without DP (the frontier runs them once)."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     started = time.perf_counter()
@@ -109,15 +110,16 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower") -> dict[str, Any
             run_app(cfg.to_flat(), len(users), out / "engine")
         fed_seconds = time.perf_counter() - fed_started
         federated = json.loads((out / "federated.json").read_text())
-        log("avrec: baselines (popularity; the same towers trained centrally without DP)")
-        systems = {
-            "avrec (federated)": federated,
-            "popularity": baselines.popularity(users, dataset.n_items),
+        systems = {"avrec (federated)": federated}
+        if with_baselines:
+            log("avrec: baselines (popularity; the same towers trained centrally without DP)")
+            systems["popularity"] = baselines.popularity(users, dataset.n_items)
             # The towers as they are without DP (ID embeddings and recent items on where configured).
-            "central, no DP": baselines.central(users, content, dataset.n_items, cfg.replace(dp="none", secure_aggregation=False)),
-        }
+            systems["central, no DP"] = baselines.central(users, content, dataset.n_items,
+                                                          cfg.replace(dp="none", secure_aggregation=False))
     weights = {"avrec (federated)": learned_modality_weights(out / "best_model.safetensors", list(content.features))}
-    weights["central, no DP"] = systems["central, no DP"].get("modality_weights", {})
+    if with_baselines:
+        weights["central, no DP"] = systems["central, no DP"].get("modality_weights", {})
     privacy: dict[str, Any] = {"dp": cfg.dp}
     if cfg.record_dp:
         privacy["record_level"] = record_epsilons(Path(cfg.state_dir), cfg.delta)
