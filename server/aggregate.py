@@ -89,6 +89,14 @@ def noised_mean(
     return out
 
 
+def server_lr(cfg, server_round: int) -> float:
+    """The server's learning rate in a round: server-learning-rate, decayed geometrically to
+    server-lr-decay times it by the last round. Later rounds then add less of their DP noise to the model,
+    whose older noise the training has already worked off."""
+    progress = (server_round - 1) / max(1, cfg.num_rounds - 1)
+    return cfg.server_learning_rate * cfg.server_lr_decay ** min(1.0, progress)
+
+
 class ServerOptimizer:
     """Applies the aggregated update to the global weights: plain steps (`sgd`: x += lr * delta, or with
     `momentum` b the FedAvgM step x += lr * m, m = b m + delta, which averages the independent DP noise of
@@ -103,16 +111,18 @@ class ServerOptimizer:
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
-    def step(self, state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(self, state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], lr: float | None = None) -> dict[str, torch.Tensor]:
+        """The next global weights; `lr` overrides the learning rate for this step (a schedule)."""
+        lr = self.lr if lr is None else lr
         if self.kind == "sgd":
             if self.momentum:
                 self.m = {k: self.momentum * self.m[k] + d if k in self.m else d.clone() for k, d in delta.items()}
                 delta = self.m
-            return {k: v + self.lr * delta[k] for k, v in state.items()}
+            return {k: v + lr * delta[k] for k, v in state.items()}
         out = {}
         for k, value in state.items():
             d = delta[k]
             self.m[k] = self.beta1 * self.m.get(k, torch.zeros_like(d)) + (1 - self.beta1) * d
             self.v[k] = self.beta2 * self.v.get(k, torch.zeros_like(d)) + (1 - self.beta2) * d * d
-            out[k] = value + self.lr * self.m[k] / (self.v[k].sqrt() + self.tau)
+            out[k] = value + lr * self.m[k] / (self.v[k].sqrt() + self.tau)
         return out

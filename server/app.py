@@ -21,7 +21,7 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.aggregate import ServerOptimizer, aggregate, sample_clients
+from server.aggregate import ServerOptimizer, aggregate, sample_clients, server_lr
 from server.records import RunRecorder
 from server.secure_sum import SecureRound
 from shared.config import RunConfig, from_flat
@@ -251,7 +251,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected,
             )
         if result.delta is not None:
-            global_state = optimizer.step(global_state, result.delta)
+            global_state = optimizer.step(global_state, result.delta, server_lr(cfg, server_round))
             if ledger is not None:
                 facts = round_facts(cfg, len(nodes), len(eligible), sampled, expected, random_sample)
                 record_user_round(ledger, cfg, server_round, user_event, result.accepted, facts, secure_round)

@@ -39,7 +39,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from server.aggregate import Aggregate, ServerOptimizer, noised_mean
+from server.aggregate import Aggregate, ServerOptimizer, noised_mean, server_lr
 from server.app import (
     budget_exhausted,
     epsilon_after,
@@ -217,7 +217,7 @@ class SecAggFedAvg(FedAvg):
                     save_file(total, str(self.out / f"secure-sum-round-{server_round}.safetensors"))
                 result = self.mechanism.aggregate(total, n, self.global_state)
         if result.delta is not None:
-            self.global_state = self.optimizer.step(self.global_state, result.delta)
+            self.global_state = self.optimizer.step(self.global_state, result.delta, server_lr(self.cfg, server_round))
             facts = round_facts(self.cfg, sampled, sampled, self.participants, float(sampled), False)
             self.mechanism.record(self.ledger, server_round, result, {**facts, "fraction": 1.0}, self.plan)
             if self.cfg.secagg_audit:

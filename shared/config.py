@@ -62,6 +62,7 @@ class RunConfig:
     fraction_train: float = 1.0  # fraction of clients sampled per round
     server_optimizer: str = "sgd"  # sgd (x += lr * mean update) or adam (FedAdam)
     server_learning_rate: float = 10.0  # steps by this times the mean update: each item row is updated by few of the clients averaged
+    server_lr_decay: float = 1.0  # the server learning rate falls geometrically to this fraction by the last round
     server_momentum: float = 0.0  # sgd with momentum (FedAvgM): averages the DP noise of successive rounds; post-processing
     min_clients: int = 2
     # Train messages kept in flight at once (0 = all): Flower's in-memory link state scans every stored
@@ -127,6 +128,8 @@ class RunConfig:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
         if self.id_embeddings not in ("auto", "true", "false"):
             raise ConfigError(f"id-embeddings = {self.id_embeddings!r}: expected auto, true or false")
+        if not 0.0 < self.server_lr_decay <= 1.0:
+            raise ConfigError(f"server-lr-decay = {self.server_lr_decay}: expected 0 < value <= 1 (1 = constant)")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(f"server-momentum = {self.server_momentum}: expected 0 <= value < 1")
         if self.server_optimizer not in ("sgd", "adam"):

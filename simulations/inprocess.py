@@ -14,6 +14,7 @@ simulation (`server.secure_sum`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +96,8 @@ def run_inprocess(cfg: RunConfig, clients: int, dataset_dir: str, progress: Prog
                           "use --engine flower (trust-model = secure alone works in process)")
     # What Flower's ServerApp runner sets before `main`: message metadata reads it (one run, one task here).
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    # Opacus's import configures the root logger, which would print each of Flower's log lines twice here.
+    logging.getLogger("flwr").propagate = False
     before = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)  # client.app sets one thread for side-by-side devices
     try:
