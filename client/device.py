@@ -64,7 +64,7 @@ class Device:
         self.cfg = cfg
         self.state = DeviceState(state_dir)
 
-    def _secret_or_seeded(self, server_round: int) -> int:
+    def round_seed(self, server_round: int) -> int:
         # DP noise and Poisson sampling must be unknown to the server, so under record-level DP they are
         # seeded from the OS CSPRNG; without DP the run is reproducible from the config seed.
         if self.cfg.record_dp:
@@ -84,7 +84,7 @@ class Device:
     def history_sigma(self) -> float:
         return self.cfg.history_noise_multiplier if self.cfg.record_dp else 0.0
 
-    def _release_metadata(self, server_round: int) -> dict[str, str]:
+    def release_metadata(self, server_round: int) -> dict[str, str]:
         # What a saved release must match to be reused (noise and form: public), and when it was made.
         return {"history-sigma": repr(self.history_sigma), "history-form": "sum", "history-round": str(server_round)}
 
@@ -103,13 +103,13 @@ class Device:
         rows = self.content.history_rows
         if self.history_sigma == 0:
             exact = release_history(rows, self.split.train, 0.0, torch.Generator())
-            return exact, None, self._release_metadata(server_round)
+            return exact, None, self.release_metadata(server_round)
         meta = self.state.private_metadata()
         if "history" in saved and not self._release_due(meta, server_round):
             return saved["history"], None, meta
-        generator = torch.Generator().manual_seed(self._secret_or_seeded(server_round) + 7)
+        generator = torch.Generator().manual_seed(self.round_seed(server_round) + 7)
         released = release_history(rows, self.split.train, self.history_sigma, generator)
-        return released, SampledGaussian(self.history_sigma, 1.0, 1), self._release_metadata(server_round)
+        return released, SampledGaussian(self.history_sigma, 1.0, 1), self.release_metadata(server_round)
 
     def _round_events(self, history_event: SampledGaussian | None) -> list[SampledGaussian]:
         events = [history_event] if history_event else []
@@ -165,7 +165,7 @@ class Device:
 
         before = {k: v.clone() for k, v in shared_state(model).items()}
         result = train_local(
-            model, self.split.train, history, cfg, self._secret_or_seeded(server_round), cfg.record_dp
+            model, self.split.train, history, cfg, self.round_seed(server_round), cfg.record_dp
         )
         self.state.save_private({**private_state(model), "history": history}, release_meta)
 

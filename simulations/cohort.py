@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
-from client.device import Device, Reply, _seed
+from client.device import Device, Reply
 from client.history import release_history
 from client.trainer import example_draws, example_loader
 from shared.metrics import user_metrics
@@ -51,8 +51,8 @@ def _plan(device: Device, template, server_round: int) -> _Plan:
     saved = device.state.load_private()
     history = release_history(device.content.history_rows, device.split.train, 0.0, torch.Generator())
     # The draws train_local makes, in its order: the loader's shuffle at each epoch's start, then each
-    # batch's candidates and ID dropout (Device seeds the generator the same way without record-level DP).
-    generator = torch.Generator().manual_seed(_seed(cfg.seed, device.user_id, server_round))
+    # batch's candidates and ID dropout, from the generator Device.train_round seeds.
+    generator = torch.Generator().manual_seed(device.round_seed(server_round))
     loader = example_loader(device.split.train, cfg, generator)
     batches = []
     for _ in range(cfg.local_epochs):
@@ -145,7 +145,7 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
     for i, plan in enumerate(plans):
         private = {n: weights[n][i].clone() for n in private_names}
         plan.device.state.save_private({**private, "history": plan.history},
-                                       plan.device._release_metadata(server_round))
+                                       plan.device.release_metadata(server_round))
         delta = {n: (weights[n][i] if n in names else v) - v for n, v in global_state.items()}
         loss_value = float(losses[i] / seen[i]) if seen[i] else 0.0
         replies.append(plan.device.reply(delta, {**evaluations[i], "train-loss": loss_value}))
