@@ -58,7 +58,7 @@ def _empirical(args: argparse.Namespace) -> int:
         result = audit_run(args.run_dir, max_canaries=args.canaries or RUN_CANARY_CAP,
                            margin=MARGIN if args.margin is None else args.margin, size_runs=args.size_runs,
                            noise_fraction=args.noise_fraction, random_content=args.random_content, level=args.level,
-                           seed=args.seed)
+                           seed=args.seed, leaky_divisor=args.leaky_divisor)
         audits = [a for level in ("record", "user") for a in _audits(result.get(level))]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))
@@ -105,6 +105,9 @@ def register(commands) -> None:
     emp.add_argument("--noise-fraction", type=float, default=1.0,
                      help="deliberately break the audited mechanisms: run them with this fraction of the claimed noise "
                      "(0 = none)")
+    emp.add_argument("--leaky-divisor", action="store_true",
+                     help="with RUN_DIR: deliberately break the size audit's DP-SGD with the n-leak (Opacus's divisor "
+                     "int(n q), q = 1 / ceil(n / batch-size), which depends on the device's interaction count)")
     emp.add_argument("--seed", type=int,
                      help="seed of the canary directions and models (noise always comes from the OS)")
     emp.add_argument("--json", help="also write the results to this file (with RUN_DIR they are always written to "
