@@ -151,8 +151,8 @@ def _ranges(values: list[float]) -> Any:
     return values[0] if len(values) == 1 else {"min": values[0], "max": values[-1], "distinct": len(values)}
 
 
-def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any]:
-    v = verify_run(run_dir, server_key)
+def collect(run_dir: str | Path, server_key: str | None = None, devices: str | Path | None = None) -> dict[str, Any]:
+    v = verify_run(run_dir, server_key, devices)
     cfg = v.config
     facts: dict[str, Any] = {
         "run_dir": str(v.run_dir),
@@ -370,8 +370,9 @@ def markdown(facts: dict[str, Any], figure: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, server_key: str | None = None) -> list[Path]:
-    facts = collect(run_dir, server_key)
+def write_report(run_dir: str | Path, out: str | Path | None = None, server_key: str | None = None,
+                 devices: str | Path | None = None) -> list[Path]:
+    facts = collect(run_dir, server_key, devices)
     out = Path(out) if out else Path(run_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     figure = svg_plot(facts)
