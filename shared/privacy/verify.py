@@ -433,11 +433,14 @@ def _check_reported_heads(v: Verification, reported: dict[str, dict]) -> None:
                                   "the device never reported")
 
 
-def _this_runs_entries(v: Verification, path: Path, entries: list[LedgerEntry], head: dict | None) -> list[LedgerEntry]:
-    """A ledger that grew after the head this run's manifest recorded (the device took part in a later run)
-    is checked and accounted up to that head; anything else is compared whole (`_check_device_head`)."""
+def _this_runs_entries(v: Verification, path: Path, entries: list[LedgerEntry], key: str,
+                       head: dict | None) -> list[LedgerEntry]:
+    """A ledger that grew after the head this run's manifest recorded, and its device signed (the device took
+    part in a later run), is checked and accounted up to that head; anything else is compared whole
+    (`_check_device_head`)."""
     n = head.get("entries") if head else None
-    if isinstance(n, int) and 0 < n < len(entries) and entries[n - 1].hash == head.get("last_hash"):
+    if (isinstance(n, int) and 0 < n < len(entries) and entries[n - 1].hash == head.get("last_hash")
+            and signed_by_device(key, head)):
         v.warnings.append(f"{v.where(path)}: {len(entries) - n} entries follow the head this run's manifest recorded "
                           f"(a later run's): checked and accounted up to entry {n}")
         return entries[:n]
@@ -484,7 +487,7 @@ def _devices(v: Verification, collected: Path | None = None) -> None:
         ledger = _load_ledger(v, path, "record", key, name)
         if ledger is None:
             continue
-        entries = _this_runs_entries(v, path, ledger.entries, head)
+        entries = _this_runs_entries(v, path, ledger.entries, key, head)
         v.devices[name], v.device_keys[name] = entries, key
         _check_mechanisms(v, path, entries, "record")
         _check_amplification_source(v, path, entries)
@@ -580,8 +583,8 @@ def _record_epsilons(v: Verification, privacy: dict, have_summary: bool) -> None
     if v.record_epsilons and stored is not None:
         ours = record_stats(list(v.record_epsilons.values()))
         if stored.get("clients") != len(v.record_epsilons):
-            v.fail("summary.json", f"record level: {stored.get('clients')} devices, the run directory holds "
-                                   f"{len(v.record_epsilons)} device ledgers")
+            v.fail("summary.json", f"record level: {stored.get('clients')} devices, but {len(v.record_epsilons)} device "
+                                   f"ledgers were read (from {v.where(v.devices_root)})")
         for k, value in ours.items():
             if not _close(value, stored.get(k)):
                 v.fail("summary.json", f"record-level epsilon {k} is {stored.get(k)}, recomputed from the ledgers {value}")
