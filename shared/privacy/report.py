@@ -171,6 +171,7 @@ def collect(run_dir: str | Path, server_key: str | None = None, devices: str | P
         },
         "public_keys": {"server": v.server_key,
                         "devices": {name: key for name, key in sorted(v.device_keys.items())},
+                        "device_ledgers_read_from": str(v.devices_root) if v.devices_root else None,
                         "trust": "the signatures show that records were written with these keys and not changed "
                                  "since; they are only as good as the channel that gave you the keys (pin the "
                                  "server's with --server-key) and the keys' secrecy"},
@@ -366,7 +367,7 @@ def markdown(facts: dict[str, Any], figure: str) -> str:
               f"- Code SHA-256 recorded by the server: `{h['code_sha256_recorded']}`; this checkout: "
               f"`{h['code_sha256_of_this_checkout']}` ({'same' if h['code_sha256_recorded'] == h['code_sha256_of_this_checkout'] else 'different'} code).",
               f"- Server public key: `{facts['public_keys']['server']}`; {len(facts['public_keys']['devices'])} device keys "
-              "in audit-report.json.", f"- Trusting them: {facts['public_keys']['trust']}.", ""]
+              f"in audit-report.json (device ledgers read from `{facts['public_keys']['device_ledgers_read_from']}`).", f"- Trusting them: {facts['public_keys']['trust']}.", ""]
     return "\n".join(lines)
 
 

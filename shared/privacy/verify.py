@@ -460,7 +460,7 @@ def _ledger_paths(v: Verification, collected: Path | None) -> tuple[Path, list[P
     return root, sorted(root.glob(f"*/{DEVICE_LEDGER}"))
 
 
-def _devices(v: Verification, collected: Path | None = None) -> None:
+def _devices(v: Verification, collected: Path | None) -> None:
     root, paths = _ledger_paths(v, collected)
     v.devices_root = root
     if collected is not None and not root.is_dir():
@@ -665,6 +665,7 @@ def verify_run(run_dir: str | Path, server_key: str | None = None, devices: str 
     in the run directory; `devices` names the ledgers collected from deployed devices (a folder per device)
     instead of the run directory's devices/."""
     v = Verification(Path(run_dir).resolve())
+    collected = Path(devices) if devices is not None else None
     if not v.run_dir.is_dir():
         v.fail(v.run_dir, "not a directory")
         return v
@@ -685,10 +686,10 @@ def verify_run(run_dir: str | Path, server_key: str | None = None, devices: str 
     _check_config_digest(v, federated, summary)
     _check_history_config(v)
     _server(v)
-    _devices(v, Path(devices) if devices is not None else None)
+    _devices(v, collected)
     _check_user_rounds(v, rounds)
     _check_record_rounds(v, rounds)
     if v.config:
         _epsilons(v, summary, rounds, federated)
-    _warn_exposed_keys(v, Path(devices) if devices is not None else None)
+    _warn_exposed_keys(v, collected)
     return v
