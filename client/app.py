@@ -20,8 +20,8 @@ from client.secagg import is_legacy_fit, secure_mod, train_legacy
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
-from shared.privacy.device_heads import HEADS_RECORD, head_fields
 from shared.features import EncoderSettings, load_cached
+from shared.privacy.device_heads import HEADS_RECORD, head_fields
 from shared.secure import noised_share
 
 app = ClientApp()

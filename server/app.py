@@ -250,7 +250,8 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 updates.append((source, reply.content["arrays"].to_torch_state_dict()))
         for reply in replies:
             if not reply.has_error() and HEADS_RECORD in reply.content:  # one per user on the device
-                keep_heads(device_heads, reply.content[HEADS_RECORD], f"round {server_round}, node {reply.metadata.src_node_id}")
+                keep_heads(device_heads, reply.content[HEADS_RECORD],
+                           f"round {server_round}, node {reply.metadata.src_node_id}")
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 
         if secure_round is not None:
