@@ -522,16 +522,17 @@ def test_7_secure_round_under_a_central_configuration_fails(tmp_path):
 # ------------------------------------------------- ledgers collected from deployed devices (--devices)
 
 
-def collected(tmp_path, **settings):
+def collected(tmp_path, keep_keys=False):
     """A signed run whose device ledgers are not in the run directory but collected from deployed devices:
     a folder per device holding its state directory (as `<data-dir>/state/<user>/` on the device), without
-    the devices' private keys."""
-    run_dir = build(tmp_path, dp="record", **settings)
+    the devices' private keys unless `keep_keys` (a device owner's own copy)."""
+    run_dir = build(tmp_path, dp="record")
     devices = tmp_path / "collected"
     for k, user in enumerate(sorted(p.name for p in (run_dir / "devices").iterdir())):
         state = devices / f"device-{k}" / "state" / user
         shutil.copytree(run_dir / "devices" / user, state)
-        (state / "signing-key.pem").unlink()
+        if not keep_keys:
+            (state / "signing-key.pem").unlink()
     shutil.rmtree(run_dir / "devices")
     return run_dir, devices
 
@@ -600,11 +601,8 @@ def test_a_collected_ledger_rolled_back_truncated_or_forged_is_refused(tmp_path)
 def test_a_collected_ledger_rolled_back_with_the_device_key_is_refused(tmp_path):
     # The device's owner holds its key: a consistent, re-signed, shorter ledger still differs from the head the
     # device reported to the server.
-    run_dir = build(tmp_path, dp="record")
-    devices = tmp_path / "collected"
-    shutil.copytree(run_dir / "devices", devices / "device-0" / "state")
-    shutil.rmtree(run_dir / "devices")
-    state = next((devices / "device-0" / "state").iterdir())
+    run_dir, devices = collected(tmp_path, keep_keys=True)
+    state = device_state(devices, 0)
     resign(state, entries_of(state)[:-1])
     text = "\n".join(verify_run(run_dir, devices=devices).problems)
     assert (f"collected/device-0/state/{state.name}/privacy-ledger.jsonl: the device last reported 4 entries ending in "
