@@ -1044,9 +1044,10 @@ def _secure_user_audit(cfg, rounds: int, content, n_items: int, population: int,
     # what the run charged each round: the plan for the expected devices, at its fewest decodable shares
     run_round = SecureRound.plan_round(cfg, rate * population, reference)
     run_claim = ddg_epsilon([(run_round.plan, run_round.min_survivors, rate)] * per_client, delta)
-    log(f"user level (secure, distributed discrete Gaussian): the run claims epsilon {run_claim:.3f} at delta "
-        f"{delta:g} for a client in {per_client} rounds (noise multiplier {cfg.user_noise_multiplier:g}, "
-        f"{run_round.min_survivors} of {run_round.expected} shares, fraction {fraction:g}, {population} clients)")
+    log(f"user level (secure, distributed discrete Gaussian): the run claims at most epsilon {run_claim:.3f} at delta "
+        f"{delta:g} for a client in {per_client} rounds (noise multiplier {cfg.user_noise_multiplier:g}, the fewest "
+        f"shares a round decodes, {run_round.min_survivors} of {run_round.expected}; its ledger charges the shares "
+        f"actually summed, so what it printed can be lower; fraction {fraction:g}, {population} clients)")
     whole = _whole_run(run_claim, delta, inclusion_probability(rate, per_client), log)
     # planned with the population's plan; the audit's own claim is recomputed for its devices (population
     # plus canary slots), every one of them in every round (no amplification)
