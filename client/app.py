@@ -21,6 +21,7 @@ from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
 from shared.features import EncoderSettings, load_cached
+from shared.privacy.device_heads import HEADS_RECORD, head_fields
 from shared.secure import noised_share
 
 app = ClientApp()
@@ -109,10 +110,6 @@ def reply_message(msg: Message, reply: Reply, device: Device | DeviceDirectory, 
         records["config"] = ConfigRecord({"reason": reply.declined})
     # One signed ledger head per user on this device; the server keeps the latest of each, so a ledger
     # rolled back later no longer matches.
-    users = device.devices if isinstance(device, DeviceDirectory) else [device]
-    for i, user in enumerate(users):
-        head = user.state.ledger_head()
-        if head is not None:
-            records[f"ledger-{i}"] = ConfigRecord({"public-key": head["public_key"], "entries": head["entries"],
-                                                   "last-hash": head["last_hash"], "signature": head["signature"]})
+    if heads := device.ledger_heads():
+        records[HEADS_RECORD] = ConfigRecord(head_fields(heads))
     return Message(RecordDict(records), reply_to=msg)

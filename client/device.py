@@ -64,6 +64,11 @@ class Device:
         self.cfg = cfg
         self.state = DeviceState(state_dir)
 
+    def ledger_heads(self) -> list[dict]:
+        """The signed head of this user's ledger (none before its first entry): sent with every reply."""
+        head = self.state.ledger_head()
+        return [head] if head is not None else []
+
     def round_seed(self, server_round: int) -> int:
         # DP noise and Poisson sampling must be unknown to the server, so under record-level DP they are
         # seeded from the OS CSPRNG; without DP the run is reproducible from the config seed.

@@ -52,6 +52,10 @@ class DeviceDirectory:
         if not self.devices:
             raise ValueError(f"{self.data_dir / 'interactions.csv'}: no user with enough interactions to train")
 
+    def ledger_heads(self) -> list[dict]:
+        """The signed head of each of this device's users' ledgers: sent with every reply."""
+        return [head for d in self.devices for head in d.ledger_heads()]
+
     def train_round(self, global_state: dict[str, torch.Tensor], server_round: int) -> Reply:
         replies = [d.train_round(global_state, server_round) for d in self.devices]
         sent = [r.delta for r in replies if r.delta is not None]

@@ -6,7 +6,8 @@ rounds (Message API) and secure ones; it installs avrec's cryptographic mask PRG
 vectors the mod calls `train_legacy`, which runs the same `Device.train_round` as a plain round and hands
 back what the device sends: its clipped update (trust-model central), or under trust-model secure its
 discrete Gaussian noise share of it, encoded so that Flower's quantisation yields the share exactly
-(`shared.secure.secagg_input`). The mod masks it, and only the masked vector leaves the device.
+(`shared.secure.secagg_input`). The mod masks it, and only the masked vector leaves the device, with the
+signed heads of its ledgers (`shared.privacy.device_heads`) as on the plain path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 
 from client.device import Device
 from shared.config import RunConfig, from_flat
+from shared.privacy.device_heads import head_fields
 from shared.privacy.masks import install as install_secure_masks
 from shared.secure import noised_share, secagg_input
 
@@ -104,5 +106,7 @@ def train_legacy(msg: Message, device, state_root: Path) -> Message:
         keep_audit_copy(state_root, server_round, {k: delta[k] for k in keys}, sent, device.cfg)
     # A simulated device (a Device, not a deployed DeviceDirectory) also hands its evaluation to the harness.
     metrics = {**reply.metrics, **(reply.evaluation if isinstance(device, Device) else {})}
-    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), 1, {k: float(v) for k, v in metrics.items()})
+    # The signed ledger heads travel as on the plain path, among the FitRes metrics (which carry only scalars).
+    metrics = {**{k: float(v) for k, v in metrics.items()}, **head_fields(device.ledger_heads())}
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), 1, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared.privacy.device_heads import DEVICE_LEDGER
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.signing import load_or_create_key
 
@@ -20,7 +21,7 @@ class DeviceState:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.ledger = PrivacyLedger(self.root / "privacy-ledger.jsonl", level="record",
+        self.ledger = PrivacyLedger(self.root / DEVICE_LEDGER, level="record",
                                     signer=load_or_create_key(self.root))
 
     def ledger_head(self) -> dict | None:

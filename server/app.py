@@ -29,6 +29,7 @@ from shared.data.resolve import resolve_dataset
 from shared.features import EncoderSettings, catalogue_shapes, placeholder_content
 from shared.model import build_model, shared_state
 from shared.privacy.accounting import SampledGaussian
+from shared.privacy.device_heads import HEADS_RECORD, PREFIX as HEADS_PREFIX, HeadError, split_heads
 from shared.privacy.distributed_dp import NEIGHBOURING as SECURE_NEIGHBOURING
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.manifest import code_digest, config_digest, write_manifest
@@ -86,6 +87,19 @@ def sign_manifest(
         "code_sha256": code_digest(),
         "rounds_run": rounds_run,
     })
+
+
+def keep_heads(device_heads: dict[str, dict], fields, source: str) -> dict:
+    """Keep the signed ledger heads among a reply's `fields` (the latest per device key) for the manifest; return
+    the other fields. A head that is malformed or not signed by its key is not kept (the device's ledger then
+    fails `avrec audit verify`), and the reason is logged."""
+    try:
+        heads, rest = split_heads(fields)
+    except HeadError as exc:
+        log(WARNING, "avrec: %s: %s; its heads are not recorded", source, exc)
+        return {k: v for k, v in fields.items() if not k.startswith(HEADS_PREFIX)}
+    device_heads.update(heads)
+    return rest
 
 
 def round_facts(cfg: RunConfig, population: int, eligible: int, sampled: list[int], denominator: float,
@@ -235,12 +249,9 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             if secure_round is None:
                 updates.append((source, reply.content["arrays"].to_torch_state_dict()))
         for reply in replies:
-            if reply.has_error():
-                continue
-            for name, head in reply.content.items():
-                if name.startswith("ledger-"):  # one per user on the device (client/app.py)
-                    device_heads[str(head["public-key"])] = {"entries": int(head["entries"]), "last_hash": str(head["last-hash"]),
-                                                             "signature": str(head["signature"])}
+            if not reply.has_error() and HEADS_RECORD in reply.content:  # one per user on the device
+                keep_heads(device_heads, reply.content[HEADS_RECORD],
+                           f"round {server_round}, node {reply.metadata.src_node_id}")
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
 
         if secure_round is not None:

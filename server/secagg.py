@@ -43,6 +43,7 @@ from server.aggregate import Aggregate, ServerOptimizer, noised_mean, server_lr
 from server.app import (
     budget_exhausted,
     epsilon_after,
+    keep_heads,
     open_user_ledger,
     record_user_round,
     round_facts,
@@ -163,6 +164,7 @@ class SecAggFedAvg(FedAvg):
         self.recorder = RunRecorder(out)
         self.key, self.ledger = open_user_ledger(cfg, out)  # cfg validation: SecAgg+ needs user-level DP
         self.chosen: dict[str, int] = {}
+        self.device_heads: dict[str, dict] = {}  # the latest signed ledger head per device key, for the manifest
         self.out = out
         self.started = time.perf_counter()
         self.plan: SecAggPlan | None = None  # this round's, set in configure_fit
@@ -225,8 +227,10 @@ class SecAggFedAvg(FedAvg):
                 save_file(decoded, str(self.out / f"decoded-sum-round-{server_round}.safetensors"))
         for node in self.participants:  # every device sent the round is charged for it, as in server/app.py
             self.chosen[str(node)] = self.chosen.get(str(node), 0) + 1
+        metrics = [keep_heads(self.device_heads, res.metrics, f"round {server_round}, node {proxy.cid}")
+                   for proxy, res in results]
         self.recorder.round(
-            server_round, [{k: float(v) for k, v in res.metrics.items()} for _, res in results],
+            server_round, [{k: float(v) for k, v in m.items()} for m in metrics],
             seconds=time.perf_counter() - self.started, sampled=sampled, aggregated=result.accepted,
             declined=[], rejected=result.rejected,
             failed=[f"a device sent no masked vector (dropped out; {len(failures)} failure record(s))"] * (sampled - n),
@@ -263,6 +267,6 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, initial: dict[str, 
         strategy.refuse("run", exc)
     else:
         secagg_workflow(cfg, strategy.mechanism)(grid, legacy)
-    # SecAgg+ rounds carry no device ledger heads (client/secagg.py): the manifest lists none.
-    sign_manifest(out, strategy.key, strategy.ledger, cfg, len(strategy.recorder.rounds), {}, strategy.chosen)
+    sign_manifest(out, strategy.key, strategy.ledger, cfg, len(strategy.recorder.rounds), strategy.device_heads,
+                  strategy.chosen)
     strategy.recorder.finish(cfg)

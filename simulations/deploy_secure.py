@@ -73,7 +73,7 @@ def main() -> dict:
                    "seconds": row["seconds"], "aggregated": row["clients_aggregated"],
                    "failed": row["clients_failed"], "user_epsilon": row["user_epsilon"]} for row in rows]
         federated = json.loads((root / "run" / "federated.json").read_text())
-        verified = verify_run(root / "run")
+        verified = verify_run(root / "run", devices=root / "data")  # the devices' own state directories
     report = {"supernodes": DEVICES, "dropped_partition": DROPPED, "tls": True, "node_authentication": True,
               "secure_bits": cfg.secure_bits, "user_noise_multiplier": cfg.user_noise_multiplier,
               "user_clip_norm": cfg.user_clip_norm, "num_shares": cfg.secagg_num_shares,

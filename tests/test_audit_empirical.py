@@ -190,3 +190,14 @@ def test_run_mode_under_secagg_and_the_secure_trust_model(run_dir, tmp_path):
     assert secure["survivors"] == secure["devices"] == 6 + secure["canaries"]
     assert secure["claimed_epsilon"] == ddg_epsilon([(audited_plan, secure["devices"], 1.0)] * secure["rounds"], 1e-4)
     assert secure["epsilon_lower_bound"] <= secure["claimed_epsilon"] < secure["certifiable_epsilon"], secure
+
+
+def test_run_mode_puts_the_n_leak_into_the_size_audit_on_request(run_dir):
+    # Fault injection on the run's own configuration (`--leaky-divisor`). Here the median user has 18 and 19
+    # interactions, for which Opacus's divisor int(n q), q = 1 / ceil(n / 16), is 9 both times: this pair
+    # cannot show the leak (the ML-100K configuration's 64 vs 65 gives 16 and 13, and was refuted: README).
+    out = audit_run(run_dir, max_canaries=100, size_runs=30, level="record", leaky_divisor=True, random_content=True,
+                    seed=2, log=lambda *_: None)
+    size = out["record"]["size"]
+    assert out["leaky_divisor_fault_injected"] and size["leaky_divisor_fault_injected"], size
+    assert (size["n"], size["runs_per_side"]) == (18, 30)

@@ -4,7 +4,10 @@ every kind of tampering must fail with a message naming the file, and the untouc
 Then on run directories built here and signed with their own keys, as the outside review built them: each
 records a mechanism other than the one the configuration and the mechanism kind prescribe, a mechanism
 missing, or a configuration edited after signing, and must fail with a message naming the problem; the same
-directories built correctly must pass. Last, `avrec audit report`'s threat model and the code digest."""
+directories built correctly must pass. Then `avrec audit report`'s threat model and the code digest. Last,
+device ledgers collected from deployed devices (`--devices`): checked against the heads in the signed
+manifest, so that one rolled back, truncated, forged or missing is refused, and so is a head the device never
+signed."""
 
 import json
 import os
@@ -21,7 +24,7 @@ from shared.privacy.ledger import PrivacyLedger, canonical_json, entry_hash
 from shared.privacy.manifest import REPO_ROOT, code_digest, config_digest, write_manifest
 from shared.privacy.participation import participation, user_epsilon
 from shared.privacy.report import collect, markdown
-from shared.privacy.signing import load_or_create_key, read_public
+from shared.privacy.signing import load_or_create_key, public_hex, read_public
 from shared.privacy.verify import record_stats, verify_run
 from simulations.simulate import simulate
 
@@ -415,6 +418,18 @@ def test_5_both_configurations_edited_alike_fail_on_the_manifest(tmp_path):
     assert "federated.json: its configuration hashes to" in text and "summary.json: its configuration hashes to" in text
 
 
+def test_1_amplification_from_a_sampler_other_than_the_os_csprng_fails(tmp_path):
+    def forge(cfg, p):  # sampled, but from a seeded generator the server (or anyone with the seed) can replay
+        p["server"][0]["details"]["sampling_source"] = "numpy.random.default_rng(seed)"
+        p["devices"]["user-0"][1]["details"]["sampling_source"] = "torch.Generator seeded from the run seed"
+    text = problems(build(tmp_path, forge, dp="both", fraction_train=0.5))
+    only = "expected 'poisson-csprng' from the OS CSPRNG, the only sampling that earns it"
+    assert ("server-ledger.jsonl: entry 1 (round 1, dp-fedavg): claims amplification by sampling, but its sampling is "
+            f"'poisson-csprng' from 'numpy.random.default_rng(seed)'; {only}") in text
+    assert ("devices/user-0/privacy-ledger.jsonl: entry 2 (round 2, dp-sgd): claims amplification by sampling, but its "
+            f"sampling is 'poisson-csprng' from 'torch.Generator seeded from the run seed'; {only}") in text
+
+
 def test_6_round_without_a_server_entry_fails(tmp_path):
     def forge(cfg, p):
         del p["server"][2]
@@ -502,3 +517,124 @@ def test_7_secure_round_under_a_central_configuration_fails(tmp_path):
         p["server"] = [ddg_round(secure, e["round"], e["details"]["participants"], 3) for e in p["server"]]
     text = problems(build(tmp_path, forge, dp="user"))
     assert "ddg-secure-sum entry, but trust-model is 'central'" in text
+
+
+# ------------------------------------------------- ledgers collected from deployed devices (--devices)
+
+
+def collected(tmp_path, keep_keys=False):
+    """A signed run whose device ledgers are not in the run directory but collected from deployed devices:
+    a folder per device holding its state directory (as `<data-dir>/state/<user>/` on the device), without
+    the devices' private keys unless `keep_keys` (a device owner's own copy)."""
+    run_dir = build(tmp_path, dp="record")
+    devices = tmp_path / "collected"
+    for k, user in enumerate(sorted(p.name for p in (run_dir / "devices").iterdir())):
+        state = devices / f"device-{k}" / "state" / user
+        shutil.copytree(run_dir / "devices" / user, state)
+        if not keep_keys:
+            (state / "signing-key.pem").unlink()
+    shutil.rmtree(run_dir / "devices")
+    return run_dir, devices
+
+
+def resign(state, entries, key_dir=None):
+    """Rewrite a ledger with `entries` and sign it as whoever holds the key in `key_dir` (default: the device's
+    own, which the test keeps outside the collected copy)."""
+    key = load_or_create_key(key_dir or state)
+    for name in ("privacy-ledger.jsonl", "privacy-ledger.head.json"):
+        (state / name).unlink()
+    ledger = PrivacyLedger(state / "privacy-ledger.jsonl", "record", signer=key)
+    for e in entries:
+        ledger.append(**{k: v for k, v in e.items() if k not in ("hash", "prev_hash", "signature")})
+    (state / "signing-key.pub").write_text(public_hex(key.public_key()) + "\n")
+
+
+def entries_of(state):
+    return [json.loads(line) for line in (state / "privacy-ledger.jsonl").read_text().splitlines()]
+
+
+def device_state(devices, k):
+    return next((devices / f"device-{k}" / "state").iterdir())
+
+
+def test_ledgers_collected_from_deployed_devices_pass_and_are_needed(tmp_path):
+    run_dir, devices = collected(tmp_path)
+    v = verify_run(run_dir, devices=devices)
+    assert v.ok, v.problems
+    assert len(v.devices) == 3 and v.devices_root == devices.resolve()
+    assert not any("collected device ledgers" in w for w in v.warnings)
+    text = problems(run_dir)  # without them: each head in the manifest is reported, with where ledgers go
+    assert text.count("that is not in the run directory (deleted)") == 3 and "passed with --devices DIR" in text
+
+
+def test_a_device_ledger_not_collected_is_reported(tmp_path):
+    run_dir, devices = collected(tmp_path)
+    shutil.rmtree(devices / "device-1")
+    v = verify_run(run_dir, devices=devices)
+    assert not v.ok
+    assert any("the signed manifest names a device ledger (4 entries, key" in p and "for which" in p and
+               "holds no ledger (not collected from its device, or deleted): its mechanisms cannot be checked or "
+               "accounted" in p for p in v.problems), v.problems
+    assert "not a directory: --devices names the folder" in "\n".join(verify_run(run_dir, devices=tmp_path / "x").problems)
+
+
+def test_a_collected_ledger_rolled_back_truncated_or_forged_is_refused(tmp_path):
+    run_dir, devices = collected(tmp_path)
+    original = {k: device_state(devices, k) for k in range(3)}
+    # 0: rolled back one entry and re-signed with another key (the collected copy holds no private key)
+    resign(original[0], entries_of(original[0])[:-1], tmp_path / "other-key")
+    # 1: truncated without re-signing its head
+    rewrite_lines(original[1] / "privacy-ledger.jsonl", lambda ls: ls[:-1])
+    # 2: forged (noise raised, as if more noise had run) and re-signed with a fresh key
+    forged = entries_of(original[2])
+    forged[1]["noise_multiplier"] = 3.0
+    resign(original[2], forged, tmp_path / "fresh-key")
+    text = "\n".join(verify_run(run_dir, devices=devices).problems)
+    where = {k: f"collected/device-{k}/state/{original[k].name}/privacy-ledger.jsonl" for k in range(3)}
+    assert f"{where[0]}: its key is not among the device heads the server recorded in the signed manifest" in text
+    assert f"{where[1]}: truncated or rolled back: its signed head records 4 entries" in text
+    assert f"{where[2]}: its key is not among the device heads the server recorded in the signed manifest" in text
+    # the devices' own keys (0 and 2) then have heads in the manifest and no ledger
+    assert text.count("holds no ledger (not collected from its device, or deleted)") == 2
+
+
+def test_a_collected_ledger_rolled_back_with_the_device_key_is_refused(tmp_path):
+    # The device's owner holds its key: a consistent, re-signed, shorter ledger still differs from the head the
+    # device reported to the server.
+    run_dir, devices = collected(tmp_path, keep_keys=True)
+    state = device_state(devices, 0)
+    resign(state, entries_of(state)[:-1])
+    text = "\n".join(verify_run(run_dir, devices=devices).problems)
+    assert (f"collected/device-0/state/{state.name}/privacy-ledger.jsonl: the device last reported 4 entries ending in "
+            in text and "the file holds 3 entries (rolled back or replaced after the run)" in text)
+
+
+def test_a_head_the_device_never_reported_is_refused(tmp_path):
+    # The server (its key signs the manifest) records a shorter head for a device than the device reported.
+    run_dir, devices = collected(tmp_path)
+    manifest = json.loads((run_dir / "audit-manifest.json").read_text())
+    key, head = sorted(manifest["device_heads"].items())[0]
+    state = next(p.parent for p in devices.rglob("signing-key.pub") if p.read_text().strip() == key)
+    head.update(entries=3, last_hash=entries_of(state)[2]["hash"])
+    body = {k: v for k, v in manifest.items() if k not in ("signature", "public_key")}
+    write_manifest(run_dir, load_or_create_key(run_dir / "server"), body)
+    text = "\n".join(verify_run(run_dir, devices=devices).problems)
+    assert (f"audit-manifest.json: the head it records for device key {key[:16]}... (3 entries ending in "
+            f"{head['last_hash'][:16]}...) is not signed by that key: a head the device never reported") in text
+
+
+def test_a_ledger_grown_in_a_later_run_is_checked_up_to_the_recorded_head_and_copies_are_refused(tmp_path):
+    run_dir = build(tmp_path, dp="record")
+    cfg = RunConfig()
+    user = a_device(run_dir)
+    ledger = PrivacyLedger(user / "privacy-ledger.jsonl", "record", signer=load_or_create_key(user))
+    ledger.append(**dp_sgd(cfg, 4, noise_multiplier=7.0))  # a later run, with another configuration
+    devices = tmp_path / "collected"
+    shutil.copytree(run_dir / "devices", devices / "device-0" / "state")
+    v = verify_run(run_dir, devices=devices)
+    assert v.ok, v.problems
+    assert any("1 entries follow the head this run's manifest recorded (a later run's): checked and accounted up "
+               "to entry 4" in w for w in v.warnings), v.warnings
+    assert any("private signing keys lie inside the collected device ledgers" in w for w in v.warnings)
+    shutil.copytree(user, devices / "device-9" / user.name)  # the same device's ledger twice
+    assert "a second ledger of device key" in "\n".join(verify_run(run_dir, devices=devices).problems)

@@ -119,6 +119,20 @@ def test_devices_keep_their_state_on_their_own_disk(deployment):
             assert (device / "state" / user / "private.safetensors").exists()
 
 
+def test_audit_verify_checks_the_ledgers_collected_from_the_devices(deployment, capsys):
+    from shared.cli import main
+
+    root, data, _, _, outcome = deployment
+    assert outcome["run"] == 0
+    # The devices' state directories, as an auditor collects them (a folder per device): every ledger matches
+    # the head its device reported, which the server signed into the manifest.
+    assert main(["audit", "verify", str(root / "run"), "--devices", str(root / "data")]) == 0
+    assert "6 device ledgers (18 entries" in capsys.readouterr().out
+    # Without them each head in the manifest is reported, and the command fails.
+    assert main(["audit", "verify", str(root / "run")]) == 1
+    assert capsys.readouterr().err.count("that is not in the run directory (deleted)") == 6
+
+
 def test_unregistered_key_and_missing_ca_are_refused(deployment):
     _, _, _, federation, outcome = deployment
     assert outcome["unregistered"] not in (None, 0), federation.log("unregistered").read_text()[-2000:]

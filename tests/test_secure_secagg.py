@@ -7,7 +7,8 @@ full SecAgg+ rounds (Flower's real `SecAggPlusWorkflow` on the server and avrec'
 through a SuperLink) give exactly the modular sum the simulation computes directly from the same shares,
 survive a device that leaves after key sharing (the ledger records one fewer survivor), and release nothing
 when too few devices remain. The same protocol on Flower's simulation engine: tests/test_secagg.py (trust
-model central) and `test_secure_trust_over_secagg_on_the_simulation_engine` below.
+model central) and `test_secure_trust_over_secagg_on_the_simulation_engine` below (with record-level DP on the
+devices too, whose signed ledger heads the SecAgg+ replies deliver into the audit manifest).
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class FixedDevice:
     def train_round(self, global_state, server_round):
         return Reply({k: v.clone() for k, v in self.delta.items()}, {"declined": 0.0})
 
+    def ledger_heads(self) -> list[dict]:
+        return []  # user level only: no record-level ledger on the device
+
 
 class InMemoryGrid:
     """Delivers each message to its device's ClientApp stack (`secure_mod` -> Flower's `secaggplus_mod` ->
@@ -277,7 +281,7 @@ def engine_run(tmp_path_factory):
     data = write_planted_dataset(root / "planted", n_users=5, n_items=90, n_clusters=3, interactions_per_user=20, seed=0)
     cfg = load_config(overrides={
         "dataset": str(data), "out": str(root / "run"), "cache-dir": str(root / "cache"), "num-rounds": 2,
-        "eval-negatives": 49, "dp": "user", "trust-model": "secure", "secure-aggregation": True,
+        "eval-negatives": 49, "dp": "both", "trust-model": "secure", "secure-aggregation": True,
         "secagg-audit": True, "fault-drop-after-key-sharing": 2, "min-clients": 5, "user-delta": 1e-3,
         "secure-min-fraction": 0.8, "user-noise-multiplier": 1.0, "user-epsilon-budget": 20.0})
     return root / "run", cfg, simulate(cfg, log=lambda *_: None)
@@ -300,7 +304,19 @@ def test_secure_trust_over_secagg_on_the_simulation_engine(engine_run):
         secure = load_file(out / f"secure-sum-round-{r}.safetensors")["modular-sum"].numpy()
         assert np.array_equal(secure, modular_sum(shares, cfg.secure_bits))
     assert 0 < summary["privacy"]["user_level"]["epsilon"] < float("inf")
+    # Record-level DP on the devices too: their signed ledger heads travel in the SecAgg+ replies into the
+    # manifest (one per device that trained: partition 2 leaves before training in both rounds), and verify
+    # checks every device ledger against them.
+    heads = json.loads((out / "audit-manifest.json").read_text())["device_heads"]
+    ledgers = sorted(out.glob("devices/*/privacy-ledger.jsonl"))
+    assert len(heads) == len(ledgers) == 4
+    for path in ledgers:
+        ledger = PrivacyLedger(path, level="record", public_key=(path.parent / "signing-key.pub").read_text().strip())
+        assert [e.mechanism for e in ledger.entries].count("dp-sgd") == 2
+        assert heads[ledger.public_key]["entries"] == len(ledger.entries)
+        assert heads[ledger.public_key]["last_hash"] == ledger.entries[-1].hash
     v = verify_run(out)
     assert v.ok, v.problems
+    assert len(v.devices) == 4
     facts = collect(out)
     assert facts["threat_model"]["trust_model"] == "secure" and facts["threat_model"]["secure_aggregation_ran"]

@@ -11,7 +11,7 @@ from pathlib import Path
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_run
 
-    v = verify_run(args.run_dir, args.server_key)
+    v = verify_run(args.run_dir, args.server_key, args.devices)
     for warning in v.warnings:
         print(f"warning: {warning}")
     if not v.ok:
@@ -21,8 +21,8 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     lines = [f"audit verify passed for {v.run_dir}",
              f"  server key {v.server_key[:16]}...; {len(v.server_entries)} user-level entries; "
-             f"{len(v.devices)} device ledgers ({sum(map(len, v.devices.values()))} entries), every entry signed, "
-             "every chain and head intact, the signed manifest matching"]
+             f"{len(v.devices)} device ledgers ({sum(map(len, v.devices.values()))} entries, read from "
+             f"{v.devices_root}), every entry signed, every chain and head intact, the signed manifest matching"]
     if v.record_epsilons:
         from .verify import record_stats
 
@@ -41,7 +41,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    paths = write_report(args.run_dir, args.out, args.server_key)
+    paths = write_report(args.run_dir, args.out, args.server_key, args.devices)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -58,7 +58,7 @@ def _empirical(args: argparse.Namespace) -> int:
         result = audit_run(args.run_dir, max_canaries=args.canaries or RUN_CANARY_CAP,
                            margin=MARGIN if args.margin is None else args.margin, size_runs=args.size_runs,
                            noise_fraction=args.noise_fraction, random_content=args.random_content, level=args.level,
-                           seed=args.seed)
+                           seed=args.seed, leaky_divisor=args.leaky_divisor)
         audits = [a for level in ("record", "user") for a in _audits(result.get(level))]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))
@@ -76,17 +76,24 @@ def _audits(level: dict | None) -> list[dict]:
     return [v for v in level.values() if isinstance(v, dict) and "claimed_epsilon" in v]
 
 
+DEVICES_HELP = ("the ledgers collected from deployed devices: a folder per device holding its state directory "
+                "(each user's privacy-ledger.jsonl, its head and signing-key.pub), checked against the heads in the "
+                "signed manifest (default: RUN_DIR/devices, as a simulation writes them)")
+
+
 def register(commands) -> None:
     audit = commands.add_parser("audit", help="verify, report on and empirically audit a run's privacy claims")
     sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = sub.add_parser("verify", help="check every ledger chain, signature and head, and recompute every epsilon")
     verify.add_argument("run_dir", type=Path)
     verify.add_argument("--server-key", help="the server's Ed25519 public key (hex), from a channel you trust")
+    verify.add_argument("--devices", type=Path, help=DEVICES_HELP)
     verify.set_defaults(func=_verify)
     report = sub.add_parser("report", help="write audit-report.md, audit-report.json and the epsilon-rounds figure")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out", type=Path, help="where to write (default RUN_DIR/audit)")
     report.add_argument("--server-key", help="the server's Ed25519 public key (hex), from a channel you trust")
+    report.add_argument("--devices", type=Path, help=DEVICES_HELP)
     report.set_defaults(func=_report)
     emp = sub.add_parser(
         "empirical", help="empirical lower bounds on epsilon for a run's own mechanisms (one-run audit of Steinke, "
@@ -105,6 +112,9 @@ def register(commands) -> None:
     emp.add_argument("--noise-fraction", type=float, default=1.0,
                      help="deliberately break the audited mechanisms: run them with this fraction of the claimed noise "
                      "(0 = none)")
+    emp.add_argument("--leaky-divisor", action="store_true",
+                     help="with RUN_DIR: deliberately break the size audit's DP-SGD with the n-leak (Opacus's divisor "
+                     "int(n q), q = 1 / ceil(n / batch-size), which depends on the device's interaction count)")
     emp.add_argument("--seed", type=int,
                      help="seed of the canary directions and models (noise always comes from the OS)")
     emp.add_argument("--json", help="also write the results to this file (with RUN_DIR they are always written to "

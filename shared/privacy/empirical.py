@@ -491,9 +491,9 @@ def audit_history_release(item_rows: torch.Tensor, train_items: np.ndarray, sigm
 
 
 class LeakyDivisor:
-    """FAULT INJECTION, for the size audit's tests only: divides by Opacus's own expected batch size
-    int(n q), q = 1 / ceil(n / batch-size), as avrec did before the fix (NOTES 6), through `train_local`'s
-    `after_backward` hook. Production code never uses it."""
+    """FAULT INJECTION, for the size audit only (its tests and `avrec audit empirical --leaky-divisor`): divides
+    by Opacus's own expected batch size int(n q), q = 1 / ceil(n / batch-size), as avrec did before the fix
+    (NOTES 6), through `train_local`'s `after_backward` hook. Production code never uses it."""
 
     def __init__(self, n: int, batch_size: int) -> None:
         self.divisor = int(n * (1.0 / math.ceil(n / batch_size)))
@@ -909,7 +909,8 @@ def _whole_run(claim: float, delta: float, inclusion: float, log) -> dict[str, A
 
 
 def _record_audits(cfg, rounds: int, content, n_items: int, trains: list[np.ndarray], *, cap: int, margin: float,
-                   size_runs: int | None, noise_fraction: float, generator: torch.Generator, log) -> dict[str, Any]:
+                   size_runs: int | None, noise_fraction: float, leaky_divisor: bool, generator: torch.Generator,
+                   log) -> dict[str, Any]:
     from client.history import release_history
     from shared.model import build_model
 
@@ -971,7 +972,8 @@ def _record_audits(cfg, rounds: int, content, n_items: int, trains: list[np.ndar
         extra = np.setdiff1d(np.arange(n_items), train)[:1]
         items = np.concatenate([train, extra])
         r = size_audit(cfg, content, n_items, items, median, history, runs, delta=delta,
-                       seed=int(torch.randint(0, 2**31, (1,), generator=generator)), noise_fraction=noise_fraction)
+                       seed=int(torch.randint(0, 2**31, (1,), generator=generator)), noise_fraction=noise_fraction,
+                       leaky_divisor=leaky_divisor)
         r.update(audited="one round")
         r["verdict"] = verdict(r)
         out["size"] = r
@@ -1042,9 +1044,10 @@ def _secure_user_audit(cfg, rounds: int, content, n_items: int, population: int,
     # what the run charged each round: the plan for the expected devices, at its fewest decodable shares
     run_round = SecureRound.plan_round(cfg, rate * population, reference)
     run_claim = ddg_epsilon([(run_round.plan, run_round.min_survivors, rate)] * per_client, delta)
-    log(f"user level (secure, distributed discrete Gaussian): the run claims epsilon {run_claim:.3f} at delta "
-        f"{delta:g} for a client in {per_client} rounds (noise multiplier {cfg.user_noise_multiplier:g}, "
-        f"{run_round.min_survivors} of {run_round.expected} shares, fraction {fraction:g}, {population} clients)")
+    log(f"user level (secure, distributed discrete Gaussian): the run claims at most epsilon {run_claim:.3f} at delta "
+        f"{delta:g} for a client in {per_client} rounds (noise multiplier {cfg.user_noise_multiplier:g}, the fewest "
+        f"shares a round decodes, {run_round.min_survivors} of {run_round.expected}; its ledger charges the shares "
+        f"actually summed, so what it printed can be lower; fraction {fraction:g}, {population} clients)")
     whole = _whole_run(run_claim, delta, inclusion_probability(rate, per_client), log)
     # planned with the population's plan; the audit's own claim is recomputed for its devices (population
     # plus canary slots), every one of them in every round (no amplification)
@@ -1071,10 +1074,11 @@ def _dimension(reference: dict[str, torch.Tensor]) -> int:
 
 def audit_run(run_dir: str | Path, *, max_canaries: int = RUN_CANARY_CAP, margin: float = MARGIN,
               size_runs: int | None = None, noise_fraction: float = 1.0, random_content: bool = False,
-              level: str = "both", seed: int | None = None, log=print) -> dict[str, Any]:
+              level: str = "both", seed: int | None = None, leaky_divisor: bool = False, log=print) -> dict[str, Any]:
     """Audit the mechanisms of the run in `run_dir` with its own configuration (model, sampling, noise, clip,
     rounds, population), each on the longest prefix whose claim one run can test; writes
-    `run_dir/empirical-audit.json`. `noise_fraction` < 1 deliberately breaks the audited mechanisms."""
+    `run_dir/empirical-audit.json`. `noise_fraction` < 1 deliberately breaks the audited mechanisms;
+    `leaky_divisor` puts the n-leak (Opacus's divisor int(n q)) into the size audit's DP-SGD (`LeakyDivisor`)."""
     run_dir = Path(run_dir)
     cfg, rounds, source = load_run_config(run_dir)
     torch.set_num_threads(1)
@@ -1084,12 +1088,15 @@ def audit_run(run_dir: str | Path, *, max_canaries: int = RUN_CANARY_CAP, margin
     content, n_items, trains, note = _run_population(cfg, random_content, generator, log)
     out: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "config_source": source, "dp": cfg.dp,
                            "content": note, "max_canaries": max_canaries, "margin": margin,
-                           "noise_fraction_run": noise_fraction}
+                           "noise_fraction_run": noise_fraction, "leaky_divisor_fault_injected": leaky_divisor}
     if noise_fraction != 1.0:
         log(f"FAULT INJECTION: the audited mechanisms run with {noise_fraction:g} of the claimed noise")
+    if leaky_divisor:
+        log("FAULT INJECTION: the size audit's DP-SGD divides by int(n q), q = 1 / ceil(n / batch-size) (the n-leak)")
     if cfg.record_dp and level in ("record", "both"):
         out["record"] = _record_audits(cfg, rounds, content, n_items, trains, cap=max_canaries, margin=margin,
-                                       size_runs=size_runs, noise_fraction=noise_fraction, generator=generator, log=log)
+                                       size_runs=size_runs, noise_fraction=noise_fraction, leaky_divisor=leaky_divisor,
+                                       generator=generator, log=log)
     if cfg.user_dp and level in ("user", "both"):
         out["user"] = _user_audit(cfg, rounds, content, n_items, len(trains), cap=max_canaries, margin=margin,
                                   noise_fraction=noise_fraction, generator=generator, log=log)

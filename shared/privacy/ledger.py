@@ -55,6 +55,7 @@ __all__ = [
     "PrivacyLedger",
     "canonical_json",
     "entry_hash",
+    "head_body",
     "head_path",
     "read_head",
 ]
@@ -84,6 +85,11 @@ def head_path(ledger_path: Path) -> Path:
 
 
 HEAD_FIELDS = ("entries", "last_hash", "ledger", "level", "public_key", "signature")
+
+
+def head_body(ledger: str, level: str, entries: int, last_hash: str, public_key: str) -> dict[str, Any]:
+    """What a ledger's head signature covers (everything in the head but the signature)."""
+    return {"ledger": ledger, "level": level, "entries": entries, "last_hash": last_hash, "public_key": public_key}
 
 
 def read_head(ledger_path: Path, public_key: str) -> dict[str, Any] | None:
@@ -393,8 +399,8 @@ class PrivacyLedger:
             self._write_head()  # a crash between the two writes: the owner re-signs its own signed entries
 
     def _write_head(self) -> None:
-        body = {"ledger": self.path.name, "level": self.level, "entries": len(self.entries),
-                "last_hash": self.entries[-1].hash if self.entries else "", "public_key": self.public_key}
+        body = head_body(self.path.name, self.level, len(self.entries), self.entries[-1].hash if self.entries else "",
+                         self.public_key)
         text = canonical_json({**body, "signature": sign(self.signer, canonical_json(body))}) + "\n"
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
         try:

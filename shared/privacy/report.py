@@ -151,8 +151,8 @@ def _ranges(values: list[float]) -> Any:
     return values[0] if len(values) == 1 else {"min": values[0], "max": values[-1], "distinct": len(values)}
 
 
-def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any]:
-    v = verify_run(run_dir, server_key)
+def collect(run_dir: str | Path, server_key: str | None = None, devices: str | Path | None = None) -> dict[str, Any]:
+    v = verify_run(run_dir, server_key, devices)
     cfg = v.config
     facts: dict[str, Any] = {
         "run_dir": str(v.run_dir),
@@ -171,6 +171,7 @@ def collect(run_dir: str | Path, server_key: str | None = None) -> dict[str, Any
         },
         "public_keys": {"server": v.server_key,
                         "devices": {name: key for name, key in sorted(v.device_keys.items())},
+                        "device_ledgers_read_from": str(v.devices_root) if v.devices_root else None,
                         "trust": "the signatures show that records were written with these keys and not changed "
                                  "since; they are only as good as the channel that gave you the keys (pin the "
                                  "server's with --server-key) and the keys' secrecy"},
@@ -366,12 +367,13 @@ def markdown(facts: dict[str, Any], figure: str) -> str:
               f"- Code SHA-256 recorded by the server: `{h['code_sha256_recorded']}`; this checkout: "
               f"`{h['code_sha256_of_this_checkout']}` ({'same' if h['code_sha256_recorded'] == h['code_sha256_of_this_checkout'] else 'different'} code).",
               f"- Server public key: `{facts['public_keys']['server']}`; {len(facts['public_keys']['devices'])} device keys "
-              "in audit-report.json.", f"- Trusting them: {facts['public_keys']['trust']}.", ""]
+              f"in audit-report.json (device ledgers read from `{facts['public_keys']['device_ledgers_read_from']}`).", f"- Trusting them: {facts['public_keys']['trust']}.", ""]
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, server_key: str | None = None) -> list[Path]:
-    facts = collect(run_dir, server_key)
+def write_report(run_dir: str | Path, out: str | Path | None = None, server_key: str | None = None,
+                 devices: str | Path | None = None) -> list[Path]:
+    facts = collect(run_dir, server_key, devices)
     out = Path(out) if out else Path(run_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     figure = svg_plot(facts)

@@ -7,9 +7,13 @@ expected value and where that expectation comes from:
   every entry by that ledger's key, and the signed head (entry count and last hash), so that an edit, a
   reordering, an insertion or a truncation fails;
 - the audit manifest the server signed at the end of the run: the server ledger's head, the last head each
-  device reported (so that a device ledger rolled back together with its head, or deleted, fails), and the
-  SHA-256 of the configuration, which must equal that of the configuration in federated.json and in
-  summary.json (so that a configuration edited after the run fails);
+  device reported, signed by that device (so that a device ledger rolled back together with its head,
+  replaced, or deleted, fails, and so does a head the device never reported), and the SHA-256 of the
+  configuration, which must equal that of the configuration in federated.json and in summary.json (so that
+  a configuration edited after the run fails);
+- the device ledgers: in the run directory (a simulation), or collected from deployed devices (`devices`, a
+  folder per device); each is checked up to the head the manifest recorded for its key (a ledger that grew
+  in a later run is checked up to it), and every head in the manifest needs its ledger;
 - every entry against the mechanism its kind names and the run's configuration: `dp-sgd` (noise multiplier,
   clip norm, record-sample-rate, record-steps, Poisson sampling from the OS CSPRNG, the fixed divisor
   batch-size, and no data-dependent value such as the device's example count), `gaussian-history-release`
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .accounting import AccountingError, epsilon_checked
+from .device_heads import DEVICE_LEDGER, signed_by_device
 from .distributed_dp import MECHANISM as DDG_SECURE_SUM, plan_ddg
 from .ledger import LedgerEntry, LedgerError, PrivacyLedger
 from .manifest import MANIFEST_NAME, ManifestError, config_digest, read_manifest
@@ -48,7 +53,6 @@ from .participation import participation, schedule_problems, user_epsilon
 from .signing import PUBLIC_NAME, PRIVATE_NAME, SigningKeyError, read_public
 
 SERVER_LEDGER = "server-ledger.jsonl"
-DEVICE_LEDGER = "privacy-ledger.jsonl"
 CSPRNG_SAMPLING = "poisson-csprng"
 DP_SGD = "dp-sgd"
 HISTORY_RELEASE = "gaussian-history-release"
@@ -67,7 +71,8 @@ class Verification:
     config_source: str = "federated.json"  # the file `config` was read from
     server_key: str = ""
     server_entries: list = field(default_factory=list)
-    devices: dict[str, list] = field(default_factory=dict)  # device directory name -> ledger entries
+    devices: dict[str, list] = field(default_factory=dict)  # ledger directory, relative to devices_root -> entries
+    devices_root: Path | None = None  # where the device ledgers were read: run_dir/devices, state-dir, or --devices
     device_keys: dict[str, str] = field(default_factory=dict)
     record_epsilons: dict[str, float] = field(default_factory=dict)
     user: Any = None  # EpsilonReport of the most-charged client
@@ -78,13 +83,16 @@ class Verification:
     def ok(self) -> bool:
         return not self.problems
 
-    def fail(self, where: Path | str, message: str) -> None:
-        where = Path(where)
+    def where(self, path: Path | str) -> str:
+        """`path` as messages name it: relative to the run directory where it lies inside it."""
+        path = Path(path)
         try:
-            where = where.relative_to(self.run_dir)
+            return str(path.relative_to(self.run_dir))
         except ValueError:
-            pass
-        self.problems.append(f"{where}: {message}")
+            return str(path)
+
+    def fail(self, where: Path | str, message: str) -> None:
+        self.problems.append(f"{self.where(where)}: {message}")
 
     def configured(self, key: str) -> str:
         """Where a configured value comes from, for messages."""
@@ -408,37 +416,89 @@ def _check_device_head(v: Verification, path: Path, entries: Sequence[LedgerEntr
     if not v.manifest or not entries:
         return
     if head is None:
-        v.fail(path, "its key is not among the device heads the server recorded in the signed manifest")
+        v.fail(path, "its key is not among the device heads the server recorded in the signed manifest (a ledger "
+                     "of another run, or re-signed with another key)")
     elif head["entries"] != len(entries) or head["last_hash"] != entries[-1].hash:
-        v.fail(path, f"the device last reported {head['entries']} entries ending in {head['last_hash'][:16]}...; "
+        v.fail(path, f"the device last reported {head['entries']} entries ending in {str(head['last_hash'])[:16]}...; "
                      f"the file holds {len(entries)} entries (rolled back or replaced after the run)")
 
 
-def _devices(v: Verification) -> None:
+def _check_reported_heads(v: Verification, reported: dict[str, dict]) -> None:
+    """Every head in the manifest carries its device's signature: the server cannot record a head (and so a
+    ledger length) that the device never reported."""
+    for key, head in reported.items():
+        if not signed_by_device(key, head):
+            v.fail(MANIFEST_NAME, f"the head it records for device key {key[:16]}... ({head.get('entries')} entries "
+                                  f"ending in {str(head.get('last_hash'))[:16]}...) is not signed by that key: a head "
+                                  "the device never reported")
+
+
+def _this_runs_entries(v: Verification, path: Path, entries: list[LedgerEntry], key: str,
+                       head: dict | None) -> list[LedgerEntry]:
+    """A ledger that grew after the head this run's manifest recorded, and its device signed (the device took
+    part in a later run), is checked and accounted up to that head; anything else is compared whole
+    (`_check_device_head`)."""
+    n = head.get("entries") if head else None
+    if (isinstance(n, int) and 0 < n < len(entries) and entries[n - 1].hash == head.get("last_hash")
+            and signed_by_device(key, head)):
+        v.warnings.append(f"{v.where(path)}: {len(entries) - n} entries follow the head this run's manifest recorded "
+                          f"(a later run's): checked and accounted up to entry {n}")
+        return entries[:n]
+    return entries
+
+
+def _ledger_paths(v: Verification, collected: Path | None) -> tuple[Path, list[Path]]:
+    """Where the device ledgers lie, and the ledgers: collected from deployed devices (a folder per device,
+    each user's ledger in its own directory at any depth), else the run directory's devices/ (a simulation),
+    else the configured state-dir."""
+    if collected is not None:
+        root = Path(collected).resolve()
+        return root, sorted(root.rglob(DEVICE_LEDGER)) if root.is_dir() else []
     root = v.run_dir / "devices"
     if not root.exists():
         root = Path(v.config.get("state-dir") or root)
+    return root, sorted(root.glob(f"*/{DEVICE_LEDGER}"))
+
+
+def _devices(v: Verification, collected: Path | None) -> None:
+    root, paths = _ledger_paths(v, collected)
+    v.devices_root = root
+    if collected is not None and not root.is_dir():
+        v.fail(root, "not a directory: --devices names the folder holding the ledgers collected from the deployed "
+                     "devices (a folder per device, each holding its users' state directories)")
     reported = dict(v.manifest.get("device_heads", {}))
-    for path in sorted(root.glob(f"*/{DEVICE_LEDGER}")):
-        name = path.parent.name
+    _check_reported_heads(v, reported)
+    seen: dict[str, Path] = {}
+    for path in paths:
+        name = path.parent.relative_to(root).as_posix()
         try:
             key = read_public(path.parent)
         except SigningKeyError as exc:
             v.fail(path, str(exc).replace(str(path), "").lstrip(", :"))
             v.invalid.add(name)
             continue
+        if key in seen:
+            v.fail(path, f"a second ledger of device key {key[:16]}... (the first is {v.where(seen[key])}): supply one "
+                         "copy of each device's ledger, the latest")
+            v.invalid.add(name)
+            continue
+        seen[key] = path
         head = reported.pop(key, None)
         ledger = _load_ledger(v, path, "record", key, name)
         if ledger is None:
             continue
-        v.devices[name], v.device_keys[name] = ledger.entries, key
-        _check_mechanisms(v, path, ledger.entries, "record")
-        _check_amplification_source(v, path, ledger.entries)
-        _check_history_schedule(v, path, ledger.entries)
-        _check_device_head(v, path, ledger.entries, head)
+        entries = _this_runs_entries(v, path, ledger.entries, key, head)
+        v.devices[name], v.device_keys[name] = entries, key
+        _check_mechanisms(v, path, entries, "record")
+        _check_amplification_source(v, path, entries)
+        _check_history_schedule(v, path, entries)
+        _check_device_head(v, path, entries, head)
     for key, head in reported.items():
-        v.fail(root, f"the signed manifest names a device ledger ({head['entries']} entries, key {key[:16]}...) "
-                     "that is not in the run directory (deleted): its mechanisms cannot be checked or accounted")
+        found, hint = ((f"for which {v.where(root)} holds no ledger (not collected from its device, or deleted)", "")
+                       if collected is not None else ("that is not in the run directory (deleted)", " (ledgers "
+                       "collected from deployed devices are passed with --devices DIR)"))
+        v.fail(root, f"the signed manifest names a device ledger ({head.get('entries')} entries, key {key[:16]}...) "
+                     f"{found}: its mechanisms cannot be checked or accounted{hint}")
 
 
 # ------------------------------------------------------------------------ the run's own records
@@ -514,7 +574,7 @@ def _record_epsilons(v: Verification, privacy: dict, have_summary: bool) -> None
             if events not in cache:
                 cache[events] = epsilon_checked(events, delta).epsilon
         except AccountingError as exc:
-            v.fail(f"devices/{name}/{DEVICE_LEDGER}", f"accountants disagree: {exc}")
+            v.fail(v.devices_root / name / DEVICE_LEDGER, f"accountants disagree: {exc}")
             continue
         v.record_epsilons[name] = cache[events]
     stored = privacy.get("record_level")
@@ -523,8 +583,8 @@ def _record_epsilons(v: Verification, privacy: dict, have_summary: bool) -> None
     if v.record_epsilons and stored is not None:
         ours = record_stats(list(v.record_epsilons.values()))
         if stored.get("clients") != len(v.record_epsilons):
-            v.fail("summary.json", f"record level: {stored.get('clients')} devices, the run directory holds "
-                                   f"{len(v.record_epsilons)} device ledgers")
+            v.fail("summary.json", f"record level: {stored.get('clients')} devices, but {len(v.record_epsilons)} device "
+                                   f"ledgers were read (from {v.where(v.devices_root)})")
         for k, value in ours.items():
             if not _close(value, stored.get(k)):
                 v.fail("summary.json", f"record-level epsilon {k} is {stored.get(k)}, recomputed from the ledgers {value}")
@@ -589,20 +649,23 @@ def _read_server_key(v: Verification, pinned: str | None) -> bool:
     return True
 
 
-def _warn_exposed_keys(v: Verification) -> None:
-    exposed = sorted(str(p.relative_to(v.run_dir)) for p in v.run_dir.rglob(PRIVATE_NAME))
-    if exposed:
-        v.warnings.append(
-            f"{len(exposed)} private signing keys lie inside the run directory (e.g. {exposed[0]}): in a simulation "
-            "the server and every device share this disk, so the signatures show only that nobody without "
-            "those keys changed the records; hand an auditor the directory without them"
-        )
+def _warn_exposed_keys(v: Verification, collected: Path | None) -> None:
+    for root, what in ((v.run_dir, "the run directory"), (collected, "the collected device ledgers")):
+        exposed = sorted(v.where(p) for p in Path(root).rglob(PRIVATE_NAME)) if root else []
+        if exposed:
+            v.warnings.append(
+                f"{len(exposed)} private signing keys lie inside {what} (e.g. {exposed[0]}): whoever holds them "
+                "(in a simulation the server and every device share this disk) can re-sign the records, so the "
+                "signatures show only that nobody without those keys changed them; hand an auditor copies without them"
+            )
 
 
-def verify_run(run_dir: str | Path, server_key: str | None = None) -> Verification:
+def verify_run(run_dir: str | Path, server_key: str | None = None, devices: str | Path | None = None) -> Verification:
     """Check a run directory; `server_key` (hex) pins the server's public key instead of trusting the copy
-    in the run directory."""
+    in the run directory; `devices` names the ledgers collected from deployed devices (a folder per device)
+    instead of the run directory's devices/."""
     v = Verification(Path(run_dir).resolve())
+    collected = Path(devices) if devices is not None else None
     if not v.run_dir.is_dir():
         v.fail(v.run_dir, "not a directory")
         return v
@@ -623,10 +686,10 @@ def verify_run(run_dir: str | Path, server_key: str | None = None) -> Verificati
     _check_config_digest(v, federated, summary)
     _check_history_config(v)
     _server(v)
-    _devices(v)
+    _devices(v, collected)
     _check_user_rounds(v, rounds)
     _check_record_rounds(v, rounds)
     if v.config:
         _epsilons(v, summary, rounds, federated)
-    _warn_exposed_keys(v)
+    _warn_exposed_keys(v, collected)
     return v
