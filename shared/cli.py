@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "shared.deploy.cli",  # deploy
     "shared.embed",  # embed
     "shared.privacy.cli",  # audit verify | report | empirical
+    "shared.serving.cli",  # recommend
 ]
 
 
