@@ -1,0 +1,105 @@
+"""Recommending on the device from a real run's outputs: a tiny `avrec simulate` on MovieLens-100K
+(configs/smoke.toml, 3 users, 1 round) writes the global model and the devices' state that serving reads."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from client.serving import DeviceRecommender, ServingError
+from shared.cli import main
+from shared.config import load_config
+from shared.model import build_model, recent_contexts
+from shared.serving.tags import TagEdits, derive_interests
+from simulations.simulate import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serving") / "run"
+    cfg = load_config(ROOT / "configs" / "smoke.toml", {"max-users": 3, "num-rounds": 1, "out": str(out)})
+    simulate(cfg, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def device(run):
+    return DeviceRecommender.from_run(run)
+
+
+def test_scores_are_the_models_scores_and_explanations_add_up(device, run):
+    user = device.user("1")
+    assert user.private is not None and len(user.history) == 272
+    # The same towers the devices train, with the global weights and user 1's private vector.
+    model = build_model(_content(device), device.dataset.n_items, device.cfg)
+    model.load_state_dict({**load_file(run / "global_model.safetensors"),
+                           "users.user_vector.weight": user.private[None]}, strict=False)
+    history_sum = model.history_rows[torch.as_tensor(user.history)].sum(0, keepdim=True)
+    recent = recent_contexts(user.history, device.cfg.recent_items)[-1:]
+    expected = model.score_all(history_sum, recent=recent)[0]
+    assert torch.allclose(device.recommender.scores(user.history, user.private), expected, atol=1e-4)
+
+    recs, interests, _ = device.recommend("1", k=10)
+    assert len(recs) == 10 and not {r.item for r in recs} & set(user.history.tolist())
+    assert [r.rank_score for r in recs] == sorted((r.rank_score for r in recs), reverse=True)
+    watched = {device.catalogue.titles[i] for i in user.history}
+    for r in recs:
+        assert r.score == pytest.approx(float(expected[r.item]), abs=1e-4)
+        # Two exact decompositions of the same score: by history item (plus private vector and offset)
+        # and by modality (plus ID embedding and offset).
+        assert sum(r.user_parts.values()) == pytest.approx(r.score, abs=1e-3)
+        assert sum(r.contributions.values()) == pytest.approx(r.score, abs=1e-3)
+        assert set(r.contributions) == {"text", "id", "offset"} and sum(r.shares.values()) == pytest.approx(1.0)
+        assert r.because and {t for t, _ in r.because} <= watched
+        assert set(r.tags) <= set(interests.tags) and set(r.tags) <= set(device.catalogue.tags[r.item])
+
+
+def _content(device):
+    from shared.features import EncoderSettings, item_content
+
+    return item_content(device.dataset, device.cfg.modality_list, device.cfg.cache_dir or None,
+                        EncoderSettings.from_config(device.cfg))
+
+
+def test_interest_tags_weigh_rare_tags_up():
+    tags = [["drama"], ["drama"], ["drama", "film-noir"], ["drama"], ["comedy"]]
+    # Watched two dramas, one of them film noir: film noir is rarer in the catalogue, so it ranks first
+    # (idf log(1 + 5/1) against 2 x log(1 + 5/4)).
+    assert derive_interests([0, 2], np.ones(2), tags) == {"film-noir": 1.0, "drama": pytest.approx(0.9052, abs=1e-4)}
+    # Behaviour weights scale the evidence: the noir film rated low.
+    low = derive_interests([0, 2], np.array([1.0, 0.2]), tags)
+    assert list(low) == ["drama", "film-noir"]
+    assert derive_interests([], np.ones(0), tags) == {}
+
+
+def test_user_edits_tags_on_the_device_and_ranking_follows(run, device, capsys):
+    state = run / "devices" / "2"
+    assert main(["recommend", str(run), "--user", "2", "--add-tag", "Film-Noir", "--remove-tag", "drama",
+                 "--tag-boost", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert json.loads((state / "interests.json").read_text()) == {"added": ["film-noir"], "removed": ["drama"]}
+    assert "film-noir" in out["interest_tags"] and "drama" not in out["interest_tags"]
+    for r in out["recommendations"]:
+        tags = device.catalogue.tags[r["item"]]
+        assert "film-noir" in tags and "drama" not in tags, (r["title"], tags)
+        assert "film-noir" in r["tags"]
+    # Re-adding a removed tag un-removes it; the edits stay on the device across calls.
+    TagEdits.load(state).edit(add=["drama"]).save(state)
+    assert TagEdits.load(state) == TagEdits(["film-noir", "drama"], [])
+
+
+def test_bad_input_names_the_value(run, tmp_path, capsys):
+    assert main(["recommend", str(run), "--user", "no-such-user"]) == 2
+    assert "user 'no-such-user' has no interactions" in capsys.readouterr().err
+    assert main(["recommend", str(tmp_path), "--user", "1"]) == 2
+    assert "global_model.safetensors not found" in capsys.readouterr().err
+    (tmp_path / "interests.json").write_text("{\"added\": [")
+    with pytest.raises(ValueError, match="interests.json: not a tag-edits file"):
+        TagEdits.load(tmp_path)
+    with pytest.raises(ServingError, match="model = 'last'"):
+        DeviceRecommender.from_run(run, "last")
