@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from shared.model import TwoTower, recent_contexts
+from shared.model import TwoTower
 from shared.serving.tags import Interests
 
 EPS = 1e-12  # F.normalize's floor on the norm
@@ -50,7 +50,7 @@ class Recommendation:
     because: list[tuple[str, float]]  # history items that add most to the score (title, score units)
     contributions: dict[str, float]  # the score split by modality, 'id' and 'offset' (sums to score)
     tags: list[str]  # the user's interest tags this item carries
-    user_parts: dict[str, float] = field(default_factory=dict)  # history items, private vector, offset (sum to score)
+    user_parts: dict[str, float] = field(default_factory=dict)  # the score split into history, private vector, offset
 
     @property
     def shares(self) -> dict[str, float]:
@@ -80,6 +80,7 @@ class Recommender:
             items = torch.arange(model.items.n_items)
             self.vectors = model.items(items)
             self.offsets = model.items.offset(items)
+            self.history_parts = model.users.history(model.history_rows)
         index: dict[str, list[int]] = {}
         for i, tags in enumerate(catalogue.tags):
             for tag in tags:
@@ -90,17 +91,13 @@ class Recommender:
     def _user(self, history: np.ndarray, private: torch.Tensor | None) -> _User:
         m = self.model
         hist = torch.as_tensor(np.array(history, dtype=np.int64))
-        rows = m.history_rows[hist]
-        parts = m.users.history(rows) / rows.sum(0).norm().clamp(min=EPS)
+        # The history projection is linear: each item's projected row is cached, only the norm is per user.
+        parts = self.history_parts[hist] / m.history_rows[hist].sum(0).norm().clamp(min=EPS)
         weights = m.users.recent_weights
         if weights is not None and len(hist):
-            k = weights.weight.shape[1]
-            context = recent_contexts(hist.numpy(), k)[-1]
-            valid = (context >= 0).float()
-            w = weights.weight[0] * valid / valid.sum().clamp(min=1.0)
-            for j in range(k):
-                if context[j] >= 0:
-                    parts[len(hist) - k + j] += w[j] * self.vectors[context[j]]
+            latest = hist[-weights.weight.shape[1]:]  # the recent items, oldest first, as `recent_contexts` pads them
+            w = weights.weight[0, -len(latest):] / len(latest)
+            parts[len(hist) - len(latest):] += w[:, None] * self.vectors[latest]
         if private is None:  # a user without a trained private vector (a new device): the shared towers alone
             private = torch.zeros(self.vectors.shape[1])
         z = parts.sum(0) + private
@@ -144,38 +141,38 @@ class Recommender:
         seen = torch.as_tensor(np.concatenate([np.asarray(history, dtype=np.int64), np.asarray(exclude, dtype=np.int64)]))
         ranked[seen] = -torch.inf
         k = min(k, int(torch.isfinite(ranked).sum()))
-        top = torch.topk(ranked, k).indices.tolist()
+        top = torch.topk(ranked, k).indices
         profile = interests.tags if interests is not None else {}
-        return [self._explain(i, float(scores[i]), float(ranked[i]), user, history, profile, explain) for i in top]
-
-    def _explain(self, i: int, score: float, rank_score: float, user: _User, history: np.ndarray,
-                 profile: dict[str, float], explain: int) -> Recommendation:
-        scale = self.model.logit_scale
-        titles = self.catalogue.titles
-        by_history = (scale * user.parts @ self.vectors[i] / user.norm).tolist()
-        order = np.argsort(by_history)[::-1][:explain]
-        because = [(titles[history[j]], by_history[j]) for j in order if by_history[j] > 0]
-        user_parts = {f"history:{self.catalogue.item_ids[h]}": c for h, c in zip(history, by_history)}
-        user_parts["private vector"] = float(scale * user.private @ self.vectors[i] / user.norm)
-        user_parts["offset"] = float(self.offsets[i])
-        return Recommendation(
-            i, self.catalogue.item_ids[i], titles[i], score, rank_score, because,
-            self.modality_contributions(i, user.vector), [t for t in self.catalogue.tags[i] if t in profile],
-            user_parts,
-        )
+        scale, titles = self.model.logit_scale, self.catalogue.titles
+        # (k, H): each history item's part of each recommendation's score, in one product.
+        by_history = scale * self.vectors[top] @ user.parts.T / user.norm
+        private = scale * self.vectors[top] @ user.private / user.norm
+        modalities = self.modality_contributions(top, user.vector)
+        out = []
+        for row, i in enumerate(top.tolist()):
+            support = by_history[row]
+            best = torch.topk(support, min(explain, len(support))).indices.tolist() if explain else []
+            out.append(Recommendation(
+                i, self.catalogue.item_ids[i], titles[i], float(scores[i]), float(ranked[i]),
+                [(titles[history[j]], float(support[j])) for j in best if support[j] > 0],
+                {name: float(v[row]) for name, v in modalities.items()},
+                [t for t in self.catalogue.tags[i] if t in profile],
+                {"history": float(support.sum()), "private vector": float(private[row]), "offset": float(self.offsets[i])},
+            ))
+        return out
 
     @torch.no_grad()
-    def modality_contributions(self, i: int, user: torch.Tensor) -> dict[str, float]:
-        """Item i's score for user vector `user`, split into each modality's projected content (times its
-        fusion weight), its ID embedding and its offset."""
+    def modality_contributions(self, items: torch.Tensor, user: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scores of `items` (n,) for user vector `user`, split into each modality's projected content
+        (times its fusion weight), the ID embedding and the offset: name -> (n,)."""
         tower = self.model.items
-        mask = tower.content_mask[i]
-        weights = torch.softmax(tower.modality_logits.weight[0].masked_fill(mask == 0, -1e9), dim=0) * mask
-        parts = {name: weights[m] * tower.projections[m](getattr(tower, f"content_{m}")[i])
+        mask = tower.content_mask[items]
+        weights = torch.softmax(tower.modality_logits.weight[0].masked_fill(mask == 0, -1e9), dim=-1) * mask
+        parts = {name: weights[:, m : m + 1] * tower.projections[m](getattr(tower, f"content_{m}")[items])
                  for m, name in enumerate(tower.modalities)}
-        if tower.ids is not None and i < tower.n_catalogue:
-            parts["id"] = tower.ids.weight[i]
-        norm = sum(parts.values()).norm().clamp(min=EPS)
-        out = {name: float(self.model.logit_scale * user @ p / norm) for name, p in parts.items()}
-        out["offset"] = float(self.offsets[i])
+        if tower.ids is not None:
+            parts["id"] = tower.ids.weight[items.clamp(max=tower.n_catalogue - 1)] * (items < tower.n_catalogue)[:, None]
+        norm = sum(parts.values()).norm(dim=-1).clamp(min=EPS)
+        out = {name: self.model.logit_scale * (p @ user) / norm for name, p in parts.items()}
+        out["offset"] = self.offsets[items]
         return out
