@@ -22,6 +22,7 @@ from shared.data.dataset import Dataset, load_dataset
 from shared.features import EncoderSettings, item_content
 from shared.model import PRIVATE_PREFIX, build_model, is_private
 from shared.serving.recommender import Catalogue, Recommendation, Recommender
+from shared.text.analysis import analyse_catalogue, item_text_for_analysis
 from shared.serving.tags import Interests, TagEdits, behaviour_weights, catalogue_tags, derive_interests
 
 PRIVATE_KEY = f"users.{PRIVATE_PREFIX}weight"  # the private user vector in a device's private.safetensors
@@ -65,8 +66,11 @@ class DeviceRecommender:
             raise ServingError(f"the global model does not fit this run's towers (missing {missing[:3]} or other "
                                f"shapes): it was saved by another configuration or dataset")
         model.load_state_dict({**model.state_dict(), **{k: weights[k] for k in shared}})
-        items = dataset.items
-        self.catalogue = Catalogue(list(dataset.item_ids), [str(t) for t in items["title"]], catalogue_tags(items))
+        cache = cfg.cache_dir or None
+        text = analyse_catalogue(item_text_for_analysis(dataset, cache, cfg.transcripts), cache)
+        self.catalogue = Catalogue(list(dataset.item_ids), [str(t) for t in dataset.items["title"]],
+                                   catalogue_tags(dataset.items, [t.keywords for t in text]),
+                                   [t.sentiment for t in text])
         self.recommender = Recommender(model, self.catalogue)
 
     @classmethod

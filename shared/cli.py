@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "shared.embed",  # embed
     "shared.privacy.cli",  # audit verify | report | empirical
     "shared.serving.cli",  # recommend
+    "shared.text.cli",  # transcribe
 ]
 
 

@@ -113,6 +113,9 @@ class RunConfig:
     audio_encoder: str = "spectral"  # "spectral" (log-mel and MFCC statistics, no weights) or a local transformers model directory
     video_frames: int = 8  # frames sampled uniformly per video (decoded by seeking, never the whole file)
     video_shots: bool = False  # also sample the first frame after each detected shot change (up to video-frames more)
+    # text-transcript feature: speech of the audio (or a video's audio track) of items without subtitles,
+    # transcribed on the device (pocketsphinx, bundled English models) and embedded like subtitles
+    transcripts: bool = False
     # Audit (issue 4)
     server_key_dir: str = ""  # where the server keeps its Ed25519 ledger-signing key; "" = <out>/server
     # User level, only where amplification is not claimed (fraction-train = 1): each client takes part in

@@ -29,6 +29,8 @@ def _format(user_id: str, recs, interests, user, changed: bool) -> str:
             f"{k} {r.contributions[k]:+.3f} ({s:.0%})" for k, s in r.shares.items()))
         if r.tags:
             lines.append("    matches your tags: " + ", ".join(r.tags))
+        if r.sentiment:
+            lines.append(f"    tone of its text: {r.sentiment:+.2f} (VADER, -1 negative to +1 positive)")
     return "\n".join(lines)
 
 

@@ -32,7 +32,8 @@ class Catalogue:
 
     item_ids: Sequence[str]
     titles: Sequence[str]
-    tags: Sequence[Sequence[str]]
+    tags: Sequence[Sequence[str]]  # genres, tags and keywords (`shared.serving.tags.catalogue_tags`)
+    sentiment: Sequence[float] | None = None  # of each item's text (`shared.text.analysis`)
 
     def __post_init__(self) -> None:
         if not len(self.item_ids) == len(self.titles) == len(self.tags):
@@ -51,6 +52,7 @@ class Recommendation:
     contributions: dict[str, float]  # the score split by modality, 'id' and 'offset' (sums to score)
     tags: list[str]  # the user's interest tags this item carries
     user_parts: dict[str, float] = field(default_factory=dict)  # the score split into history, private vector, offset
+    sentiment: float | None = None  # the tone of the item's text, -1 to 1, where the catalogue has it
 
     @property
     def shares(self) -> dict[str, float]:
@@ -158,6 +160,7 @@ class Recommender:
                 {name: float(v[row]) for name, v in modalities.items()},
                 [t for t in self.catalogue.tags[i] if t in profile],
                 {"history": float(support.sum()), "private vector": float(private[row]), "offset": float(self.offsets[i])},
+                None if self.catalogue.sentiment is None else float(self.catalogue.sentiment[i]),
             ))
         return out
 

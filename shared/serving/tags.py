@@ -1,9 +1,11 @@
 """Interest tags: what items are about, and what a user is interested in, derived on the device.
 
-An item's tags are its genres and tags columns (`|`-separated lists in items.csv), lower-cased. A user's
-interest tags are derived from the history held on the device: each tag scores the behaviour weights of
-the watched items that carry it, times its inverse document frequency over the catalogue (so that a tag
-every item has, such as "drama" on MovieLens, does not crowd out the telling ones). The user may add and
+An item's tags are its genres and tags columns (`|`-separated lists in items.csv) and the keywords of
+its text (`shared.text.analysis`), lower-cased. A user's interest tags are derived from the history held
+on the device: each tag scores the behaviour weights of the watched items that carry it, times its
+inverse document frequency over the catalogue (so that a tag most items have, such as "drama" on
+MovieLens, does not crowd out the telling ones); a tag counts only when at least `MIN_SUPPORT` watched
+items carry it (one film's title word is that film, not an interest). The user may add and
 remove tags; the edits live in the device's own state directory (`interests.json`) and are never sent.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 
 TAG_COLUMNS = ("genres", "tags")
 EDITS_FILE = "interests.json"
+MIN_SUPPORT = 2
 
 
 def normalise_tag(tag: str) -> str:
@@ -109,14 +112,17 @@ class Interests:
 def derive_interests(
     history: Sequence[int], weights: np.ndarray, item_tags: Sequence[Sequence[str]], top: int = 10
 ) -> dict[str, float]:
-    """The `top` tags of the history items, scored by behaviour weight times inverse document frequency."""
+    """The `top` tags of the history items, scored by behaviour weight times inverse document frequency,
+    among those that at least `MIN_SUPPORT` history items carry."""
     n_items = len(item_tags)
     df = Counter(t for tags in item_tags for t in tags)
     score: Counter = Counter()
+    support: Counter = Counter()
     for item, weight in zip(history, weights):
         for tag in item_tags[item]:
             score[tag] += float(weight) * math.log(1.0 + n_items / df[tag])
-    best = score.most_common(top)
+            support[tag] += 1
+    best = [(t, s) for t, s in score.most_common() if support[t] >= MIN_SUPPORT][:top]
     if not best or best[0][1] <= 0:
         return {}
     return {t: round(s / best[0][1], 4) for t, s in best if s > 0}
