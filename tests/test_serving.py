@@ -67,12 +67,12 @@ def _content(device):
 
 
 def test_interest_tags_weigh_rare_tags_up():
-    tags = [["drama"], ["drama"], ["drama", "film-noir"], ["drama"], ["comedy"]]
-    # Watched two dramas, one of them film noir: film noir is rarer in the catalogue, so it ranks first
-    # (idf log(1 + 5/1) against 2 x log(1 + 5/4)).
-    assert derive_interests([0, 2], np.ones(2), tags) == {"film-noir": 1.0, "drama": pytest.approx(0.9052, abs=1e-4)}
-    # Behaviour weights scale the evidence: the noir film rated low.
-    low = derive_interests([0, 2], np.array([1.0, 0.2]), tags)
+    tags = [["drama"], ["drama"], ["drama", "film-noir"], ["drama", "film-noir"], ["comedy"], ["drama"], ["drama"]]
+    # Two film-noir dramas and a comedy watched: film noir is rarer than drama in the catalogue, so it ranks
+    # first (idf log(1 + 7/2) against log(1 + 7/6)); one comedy is not an interest (support 1).
+    assert derive_interests([2, 3, 4], np.ones(3), tags) == {"film-noir": 1.0, "drama": pytest.approx(0.5141, abs=1e-4)}
+    # Behaviour weights scale the evidence: the noir films rated low.
+    low = derive_interests([0, 1, 2, 3], np.array([1.0, 1.0, 0.2, 0.2]), tags)
     assert list(low) == ["drama", "film-noir"]
     assert derive_interests([], np.ones(0), tags) == {}
 
