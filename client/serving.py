@@ -106,9 +106,10 @@ class DeviceRecommender:
         derived = derive_interests(user.history, user.weights, self.catalogue.tags)
         return Interests(derived, TagEdits.load(user.state_dir))
 
-    def recommend(self, user_id: str, k: int = 10, tag_boost: float = 1.0, explain: int = 3
+    def recommend(self, user_id: str, k: int = 10, tag_boost: float = 1.0, explain: int = 3, diversity: float = 0.0
                   ) -> tuple[list[Recommendation], Interests, UserView]:
         user = self.user(user_id)
         interests = self.interests(user)
-        recs = self.recommender.recommend(user.history, user.private, k, interests, tag_boost, explain)
+        recs = self.recommender.recommend(user.history, user.private, k, interests, tag_boost, explain,
+                                          diversity=diversity)
         return recs, interests, user

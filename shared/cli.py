@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "shared.privacy.cli",  # audit verify | report | empirical
     "shared.serving.cli",  # recommend
     "shared.text.cli",  # transcribe
+    "simulations.compare",  # compare
 ]
 
 

@@ -103,3 +103,26 @@ def test_bad_input_names_the_value(run, tmp_path, capsys):
         TagEdits.load(tmp_path)
     with pytest.raises(ServingError, match="model = 'last'"):
         DeviceRecommender.from_run(run, "last")
+
+
+def test_simulate_judges_served_lists_and_compare_pairs_users(run, tmp_path, capsys):
+    summary = json.loads((run / "summary.json").read_text())
+    served = summary["served_lists"]
+    assert set(served["systems"]) == {"avrec", "popularity"}
+    for row in served["systems"].values():
+        assert set(row) == {"hr@10", "ndcg@10", "ild@10", "novelty@10", "coverage@10"}
+        assert 0 < row["ild@10"] <= 2 and 0 < row["coverage@10"] <= 1 and row["novelty@10"] > 0
+    rows = [json.loads(line) for line in (run / "per-user.jsonl").read_text().splitlines()]
+    assert sorted((r["user"], r["system"]) for r in rows) == sorted((u, s) for u in "123" for s in ("avrec", "popularity"))
+    # A run against itself: every difference 0, no verdict. Against a copy where every user gains a hit: B higher.
+    assert main(["compare", str(run), str(run)]) == 0
+    assert capsys.readouterr().out.count("no clear difference") == 4
+    better = tmp_path / "b"
+    better.mkdir()
+    (better / "per-user.jsonl").write_text("".join(json.dumps({**r, "hr@10": 1.0}) + "\n" for r in rows))
+    assert main(["compare", str(run), str(better), "--json", str(tmp_path / "c.json")]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["hr@10"]["verdict"] == "B higher" and result["hr@10"]["users"] == 3
+    assert result["ild@10"]["verdict"] == "no clear difference"
+    assert main(["compare", str(run), str(tmp_path)]) == 2
+    assert "per-user.jsonl not found" in capsys.readouterr().err

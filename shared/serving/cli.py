@@ -42,7 +42,7 @@ def _recommend(args: argparse.Namespace) -> int:
         user = device.user(args.user)
         if args.add_tag or args.remove_tag:
             device.interests(user).edits.edit(args.add_tag, args.remove_tag).save(user.state_dir)
-        recs, interests, user = device.recommend(args.user, args.k, args.tag_boost, args.explain)
+        recs, interests, user = device.recommend(args.user, args.k, args.tag_boost, args.explain, args.diversity)
     except (ServingError, ValueError) as exc:
         print(f"avrec recommend: {exc}", file=sys.stderr)
         return 2
@@ -66,6 +66,8 @@ def register(commands) -> None:
     p.add_argument("--remove-tag", action="append", default=[], metavar="TAG", help="remove an interest tag (saved)")
     p.add_argument("--tag-boost", type=float, default=1.0,
                    help="score bonus per added tag an item carries, minus it per removed tag (default 1.0; 0 = off)")
+    p.add_argument("--diversity", type=float, default=0.0,
+                   help="MMR re-ranking for spread in content space, 0 (the model's order, default) to 1")
     p.add_argument("--model", choices=("global", "best"), default="global",
                    help="global: the last round's weights, as devices hold them (default); best: the best validation round's")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -19,8 +19,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from shared.model import TwoTower
+from shared.serving.rerank import mmr
 from shared.serving.tags import Interests
 
 EPS = 1e-12  # F.normalize's floor on the norm
@@ -83,6 +85,7 @@ class Recommender:
             self.vectors = model.items(items)
             self.offsets = model.items.offset(items)
             self.history_parts = model.users.history(model.history_rows)
+            self.content = F.normalize(model.history_rows, dim=-1)  # content space, for diversity
         index: dict[str, list[int]] = {}
         for i, tags in enumerate(catalogue.tags):
             for tag in tags:
@@ -131,19 +134,16 @@ class Recommender:
         tag_boost: float = 1.0,
         explain: int = 3,
         exclude: Sequence[int] = (),
+        diversity: float = 0.0,
     ) -> list[Recommendation]:
         """The top `k` items the user has not consumed (`history` and `exclude`), each explained by its
-        `explain` most supporting history items, its modality contributions and its matched tags.
+        `explain` most supporting history items, its modality contributions and its matched tags;
+        `diversity` > 0 re-ranks them for spread in content space (`shared.serving.rerank`).
         `private`: the device's private user vector (None for a user who has none yet)."""
-        if k < 1:
-            raise ValueError(f"k = {k}: expected at least 1 recommendation")
         user = self._user(history, private)
         scores = self.model.logit_scale * self.vectors @ user.vector + self.offsets
         ranked = scores + self.tag_bonus(interests, tag_boost)
-        seen = torch.as_tensor(np.concatenate([np.asarray(history, dtype=np.int64), np.asarray(exclude, dtype=np.int64)]))
-        ranked[seen] = -torch.inf
-        k = min(k, int(torch.isfinite(ranked).sum()))
-        top = torch.topk(ranked, k).indices
+        top = torch.as_tensor(self._top(ranked, history, k, exclude, diversity), dtype=torch.long)
         profile = interests.tags if interests is not None else {}
         scale, titles = self.model.logit_scale, self.catalogue.titles
         # (k, H): each history item's part of each recommendation's score, in one product.
@@ -163,6 +163,20 @@ class Recommender:
                 None if self.catalogue.sentiment is None else float(self.catalogue.sentiment[i]),
             ))
         return out
+
+    def _top(self, ranked: torch.Tensor, history: np.ndarray, k: int, exclude: Sequence[int], diversity: float) -> list[int]:
+        if k < 1:
+            raise ValueError(f"k = {k}: expected at least 1 recommendation")
+        seen = np.concatenate([np.asarray(history, dtype=np.int64), np.asarray(exclude, dtype=np.int64)])
+        ranked = ranked.clone()
+        ranked[torch.as_tensor(seen)] = -torch.inf
+        return mmr(ranked, self.content, k, diversity)
+
+    @torch.no_grad()
+    def rank(self, history: np.ndarray, private: torch.Tensor | None = None, k: int = 10,
+             exclude: Sequence[int] = (), diversity: float = 0.0) -> list[int]:
+        """`recommend`'s list without explanations or tag edits: the items alone."""
+        return self._top(self.scores(history, private), history, k, exclude, diversity)
 
     @torch.no_grad()
     def modality_contributions(self, items: torch.Tensor, user: torch.Tensor) -> dict[str, torch.Tensor]:
