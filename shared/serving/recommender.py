@@ -51,7 +51,7 @@ class Recommendation:
     score: float  # the model's score
     rank_score: float  # score plus the bonus of tags the user added or removed: what the list is ordered by
     because: list[tuple[str, float]]  # history items that add most to the score (title, score units)
-    contributions: dict[str, float]  # the score split by modality, 'id' and 'offset' (sums to score)
+    contributions: dict[str, float]  # the score split by the modalities it has, 'id' and 'offset' (sums to score)
     tags: list[str]  # the user's interest tags this item carries
     user_parts: dict[str, float] = field(default_factory=dict)  # the score split into history, private vector, offset
     sentiment: float | None = None  # the tone of the item's text, -1 to 1, where the catalogue has it
@@ -150,6 +150,7 @@ class Recommender:
         by_history = scale * self.vectors[top] @ user.parts.T / user.norm
         private = scale * self.vectors[top] @ user.private / user.norm
         modalities = self.modality_contributions(top, user.vector)
+        present = dict(zip(self.model.items.modalities, self.model.items.content_mask[top].T.bool()))
         out = []
         for row, i in enumerate(top.tolist()):
             support = by_history[row]
@@ -157,7 +158,7 @@ class Recommender:
             out.append(Recommendation(
                 i, self.catalogue.item_ids[i], titles[i], float(scores[i]), float(ranked[i]),
                 [(titles[history[j]], float(support[j])) for j in best if support[j] > 0],
-                {name: float(v[row]) for name, v in modalities.items()},
+                {name: float(v[row]) for name, v in modalities.items() if name not in present or present[name][row]},
                 [t for t in self.catalogue.tags[i] if t in profile],
                 {"history": float(support.sum()), "private vector": float(private[row]), "offset": float(self.offsets[i])},
                 None if self.catalogue.sentiment is None else float(self.catalogue.sentiment[i]),
