@@ -126,3 +126,14 @@ def test_simulate_judges_served_lists_and_compare_pairs_users(run, tmp_path, cap
     assert result["ild@10"]["verdict"] == "no clear difference"
     assert main(["compare", str(run), str(tmp_path)]) == 2
     assert "per-user.jsonl not found" in capsys.readouterr().err
+
+
+def test_new_users_are_served_from_tags_and_first_events(device):
+    from simulations.new_users import evaluate
+
+    # The run trained on users 1-3 only: users 4-8 are new to it (no private vector, none of their data).
+    table = evaluate(device, clients=3, n_users=5, tag_boost=100.0)
+    assert set(table) == {"avrec, 0 events, no tags", "avrec, 0 events, 3 picked tags"} | {
+        f"{s}, first {k} events" for s in ("avrec", "popularity") for k in (0, 1, 3, 5)} - {"avrec, first 0 events"}
+    for row in table.values():
+        assert row["users"] == 5 and 0 <= row["precision@10"] <= 1 and 0 <= row["recall@20"] <= 1
