@@ -29,7 +29,8 @@ from shared.encoders.errors import FailureTally, MediaError
 
 COMPUTED = {"text", "image", "video", "audio"}  # modalities with an on-device encoder
 # The items.csv columns each computed feature reads.
-SOURCES = {"text": (), "text-subtitles": ("subtitles",), "text-transcript": ("audio", "video"), "image": ("image",), "video": ("video",), "audio": ("audio",)}
+SOURCES = {"text": (), "text-subtitles": ("subtitles",), "text-transcript": ("audio", "video"), "image": ("image",),
+           "video": ("video",), "audio": ("audio",)}
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,11 @@ def item_text_for_analysis(dataset, cache_dir: str | Path | None = None, transcr
     from shared.encoders.subtitles import read_subtitles
     from shared.text.transcribe import cached_transcript, transcript_text
 
-    titles, descriptions = dataset._text_column("title"), dataset._text_column("description")
+    def column(name: str) -> list[str]:
+        values = dataset.items[name] if name in dataset.items.columns else [""] * dataset.n_items
+        return ["" if v is None or v != v else str(v).strip() for v in values]  # v != v: NaN
+
+    titles, descriptions = column("title"), column("description")
     subtitles = dataset.media_paths("subtitles")
     media = [a or v for a, v in zip(dataset.media_paths("audio"), dataset.media_paths("video"))]
     out = []
