@@ -87,6 +87,7 @@ class TagEdits:
 
     def save(self, state_dir: str | Path) -> None:
         path = Path(state_dir) / EDITS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)  # a new device may hold no state yet
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"added": self.added, "removed": self.removed}, indent=1))
         os.chmod(tmp, 0o600)
