@@ -20,6 +20,9 @@ SUBCOMMANDS = [
     "shared.embed",  # embed
     "shared.privacy.cli",  # audit verify | report | empirical
     "simulations.frontier",  # frontier
+    "shared.serving.cli",  # recommend
+    "shared.text.cli",  # transcribe
+    "simulations.compare",  # compare
 ]
 
 

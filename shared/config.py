@@ -116,6 +116,12 @@ class RunConfig:
     video_frames: int = 8  # frames sampled uniformly per video (decoded by seeking, never the whole file)
     video_shots: bool = False  # also sample the first frame after each detected shot change (up to video-frames more)
     content_dim: int = 0  # keep this many principal components of each modality's public content (0 = all)
+    # text-transcript feature: speech of the audio (or a video's audio track) of items without subtitles,
+    # transcribed on the device (pocketsphinx, bundled English models) and embedded like subtitles
+    transcripts: bool = False
+    # Serving: MMR re-ranking of the lists devices serve, 0 (the model's order) to 1 (spread alone in
+    # content space); `avrec simulate` judges the served lists with it (shared/serving/rerank.py)
+    diversity: float = 0.0
     # Audit (issue 4)
     server_key_dir: str = ""  # where the server keeps its Ed25519 ledger-signing key; "" = <out>/server
     # User level, only where amplification is not claimed (fraction-train = 1): each client takes part in
@@ -136,6 +142,8 @@ class RunConfig:
             raise ConfigError(f"server-optimizer = {self.server_optimizer!r}: expected sgd or adam")
         if self.trust_model not in TRUST_MODELS:
             raise ConfigError(f"trust-model = {self.trust_model!r}: expected one of {', '.join(TRUST_MODELS)}")
+        if not 0.0 <= self.diversity <= 1.0:
+            raise ConfigError(f"diversity = {self.diversity}: expected 0 (the model's order) .. 1 (spread alone)")
         if not 8 <= self.secure_bits <= 30:
             raise ConfigError(f"secure-bits = {self.secure_bits}: expected 8 .. 30")
         if not 0.0 < self.secure_min_fraction <= 1.0:

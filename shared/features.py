@@ -2,7 +2,8 @@
 
 Computed on the device from the dataset, each cached on disk by content and encoder version:
 - `text`: title, genres, description and tags through MiniLM; `text-subtitles`: the item's subtitle file
-  (SRT or WebVTT), embedded in chunks and averaged;
+  (SRT or WebVTT), embedded in chunks and averaged; `text-transcript` (setting `transcripts`): the speech
+  of an item's audio or video that has no subtitle file, transcribed on the device, embedded the same way;
 - `image`: the `image` file through a timm backbone (`shared.encoders.image`);
 - `video`: frames sampled from the `video` file, embedded by the same backbone and pooled;
 - `audio`: the `audio` file, or else the audio track of the `video` file (`shared.encoders.audio`);
@@ -29,7 +30,8 @@ from shared.principal import principal_components
 
 COMPUTED = {"text", "image", "video", "audio"}  # modalities with an on-device encoder
 # The items.csv columns each computed feature reads.
-SOURCES = {"text": (), "text-subtitles": ("subtitles",), "image": ("image",), "video": ("video",), "audio": ("audio",)}
+SOURCES = {"text": (), "text-subtitles": ("subtitles",), "text-transcript": ("audio", "video"), "image": ("image",),
+           "video": ("video",), "audio": ("audio",)}
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ class EncoderSettings:
     video_frames: int = 8
     video_shots: bool = False
     content_dim: int = 0  # principal components kept per modality (shared.principal); 0 keeps the encoder's width
+    transcripts: bool = False  # the text-transcript feature
 
     @classmethod
     def from_config(cls, cfg: Any) -> "EncoderSettings":
-        return cls(cfg.image_backbone, cfg.audio_encoder, cfg.video_frames, cfg.video_shots, cfg.content_dim)
+        return cls(cfg.image_backbone, cfg.audio_encoder, cfg.video_frames, cfg.video_shots,
+                   content_dim=cfg.content_dim, transcripts=cfg.transcripts)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ def computed_keys(items, modalities: list[str], settings: EncoderSettings) -> di
         keys["text"] = TextEncoder.dim
         if _has_column(items, "subtitles"):
             keys["text-subtitles"] = TextEncoder.dim
+        if settings.transcripts and (_has_column(items, "audio") or _has_column(items, "video")):
+            keys["text-transcript"] = TextEncoder.dim
     if "image" in modalities and _has_column(items, "image"):
         from shared.encoders.image import embedding_dim
 
@@ -228,6 +234,31 @@ def _subtitle_features(dataset: Dataset, cache: EmbeddingCache, tally: FailureTa
     )
 
 
+def _transcript_features(dataset: Dataset, cache: EmbeddingCache, tally: FailureTally, progress: Progress,
+                         cache_dir: str | Path | None):
+    """Items with audio (or a video's audio track) and no subtitle file: their transcript, embedded like
+    subtitles; an item in which no speech is heard keeps a zero row (the modality is absent)."""
+    from shared.encoders import subtitles, text
+    from shared.text import transcribe
+
+    media = [None if s is not None else (a or v) for s, a, v in
+             zip(dataset.media_paths("subtitles"), dataset.media_paths("audio"), dataset.media_paths("video"))]
+
+    def make():
+        encoder = text.TextEncoder()
+
+        def embed(path: Path) -> np.ndarray:
+            words = transcribe.transcript_text(transcribe.cached_transcript(path, cache_dir))
+            if not words:
+                return np.zeros(text.TextEncoder.dim, np.float32)
+            return encoder.encode(subtitles.chunks(words)).mean(axis=0).astype(np.float32)
+
+        return one_by_one(embed)
+
+    return _file_features("text-transcript", media, f"{text.encoder_id()}/{transcribe.VERSION}",
+                          text.TextEncoder.dim, make, cache, tally, progress)
+
+
 def media_features(
     key: str, dataset: Dataset, settings: EncoderSettings, cache: EmbeddingCache, tally: FailureTally,
     progress: Progress = _no_progress,
@@ -285,6 +316,8 @@ def item_content(
                 features[key], n = text_features(dataset, cache, progress)
             elif key == "text-subtitles":
                 features[key], n = _subtitle_features(dataset, cache, tally, progress)
+            elif key == "text-transcript":
+                features[key], n = _transcript_features(dataset, cache, tally, progress, cache_dir)
             else:
                 features[key], n = media_features(key, dataset, settings, cache, tally, progress)
             computed_by[key] = n

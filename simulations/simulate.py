@@ -31,6 +31,7 @@ from shared.privacy.participation import user_epsilon
 from simulations import baselines
 from simulations.engine import TreeMemory, run_app
 from simulations.inprocess import run_inprocess
+from simulations.served_lists import served_lists, table_lines
 
 PACKAGES = ("avrec", "torch", "flwr", "ray", "opacus", "dp-accounting", "transformers", "numpy", "pandas")
 
@@ -144,6 +145,7 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         "privacy": privacy,
         "modality_weights": weights,
         "media_failures": content.failures,
+        "served_lists": served_lists(out, cfg, dataset, users),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "federation_seconds": round(fed_seconds, 1),
         "peak_memory_bytes": memory.peak,
@@ -201,6 +203,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = ["", head, "-" * len(head)]
     for name, table in summary["systems"].items():
         lines.append(f"{name:<20}" + "".join(f"{table.get(p, {}).get(m, float('nan')):>20.4f}" for p, m in cols))
+    if "served_lists" in summary:
+        lines += table_lines(summary["served_lists"])
     fed = summary["federated"]
     lines.append("")
     lines.append(

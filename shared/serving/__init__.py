@@ -1,0 +1,1 @@
+"""Recommending on the device: ranking with explanations (`recommender`) and interest tags (`tags`)."""
