@@ -49,7 +49,7 @@ def plain_loop(cfg, users: int) -> float:
 def engine_round(cfg, engine: str, out: Path) -> tuple[float, int]:
     """The second round's seconds and the peak memory of the whole process tree."""
     with TreeMemory() as memory:
-        simulate(cfg.replace(out=str(out), num_rounds=2), log=lambda *_: None, engine=engine)
+        simulate(cfg.replace(out=str(out), num_rounds=2), log=lambda *_: None, engine=engine, with_baselines=False)
     rounds = [json.loads(line)["seconds"] for line in (out / "rounds.jsonl").read_text().splitlines()]
     return rounds[-1], memory.peak
 
