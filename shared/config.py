@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.errors import UserError
+
 DP_MODES = ("none", "record", "user", "both")
 # Who adds the user-level noise (record level is always `local`: each device's own DP-SGD):
 # central = a trusted server (DP-FedAvg); secure = each device adds a discrete Gaussian share and only the
@@ -20,7 +22,7 @@ DP_MODES = ("none", "record", "user", "both")
 TRUST_MODELS = ("central", "secure")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is unknown, has the wrong type, or is out of range."""
 
 
@@ -33,6 +35,7 @@ class RunConfig:
     max_users: int = 0  # 0 = every user is a client; N = the first N users (smoke runs)
     seed: int = 0
     eval_negatives: int = 99
+    drop_short_users: bool = False  # leave out users with fewer than 3 interactions (too few to split) instead of refusing
 
     # Model
     embedding_dim: int = 64
@@ -99,7 +102,8 @@ class RunConfig:
     secure_min_fraction: float = 0.9
 
     # Outputs
-    out: str = ""  # run directory; "" = none
+    out: str = ""  # run directory; "" = none. A fresh run refuses one that already holds a run's records
+    resume: bool = False  # continue the run in `out` from its last checkpoint (only num-rounds may change)
     state_dir: str = ""  # where simulated devices keep their state; "" = <out>/devices
 
     # Secure aggregation (Flower SecAgg+, masks from avrec's cryptographic PRG): the server learns only the sum
@@ -214,6 +218,9 @@ class RunConfig:
                     f"trust-model = secure needs secagg-reconstruction-threshold > secagg-num-shares / 2 (got "
                     f"{self.secagg_reconstruction_threshold} of {self.secagg_num_shares}): otherwise a server that "
                     "lies about who dropped out can unmask a single device")
+        if self.resume and self.secure_aggregation:
+            raise ConfigError("resume = true with secure-aggregation = true: Flower's legacy SecAgg+ workflow always "
+                              "starts at round 1; start a new run (a new --out) instead")
         if self.user_dp and (self.user_noise_multiplier <= 0 or self.user_clip_norm <= 0):
             raise ConfigError(
                 f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from shared.errors import UserError
 from shared.processes import TreeMemory, descendants, flower_bin, flower_env, free_port, stop_group, wait_for_port
 
 __all__ = ["EngineError", "TreeMemory", "descendants", "run_app", "toml_value"]
@@ -21,7 +22,7 @@ __all__ = ["EngineError", "TreeMemory", "descendants", "run_app", "toml_value"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """The Flower engine failed; the message names the log to read."""
 
 

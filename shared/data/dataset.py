@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.errors import UserError
+
 __all__ = [
     "DatasetError",
     "Dataset",
@@ -59,7 +61,7 @@ _MAX_ABS_UNIX_SECONDS = 10**11
 _MAX_LISTED = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is missing or malformed.
 
     The message names the file, the line (1-based, header = line 1) or column, the
