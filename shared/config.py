@@ -8,6 +8,7 @@ defaults below and pyproject.toml agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -134,6 +135,19 @@ class RunConfig:
     min_round_separation: int = 1
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # NaN fails every comparison: a NaN budget is never reached, a NaN noise scale never checked
+                raise ConfigError(f"{key(f.name)} = {value}: expected a finite number (NaN and infinity void the checks "
+                                  "and guarantees that use it)")
+        for name in ("learning_rate", "server_learning_rate", "logit_scale", "epsilon_budget", "user_epsilon_budget",
+                     "eval_negatives", "min_clients"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value > 0")
+        for name in ("private_learning_rate", "seed", "max_users", "recent_items"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value >= 0")
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
         if self.id_embeddings not in ("auto", "true", "false"):
@@ -305,6 +319,22 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     raise ConfigError(f"{name} = {value!r}: expected a {kind.__name__}")
 
 
+def settings_table(table: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+    """A config file's settings: flat keys at the top level, or all of them under one [config] table. Any other
+    table, or keys beside [config], would be silently ignored: they are errors."""
+    if "config" in table and isinstance(table["config"], dict):
+        stray = sorted(k for k in table if k != "config")
+        if stray:
+            raise ConfigError(f"{path}: {', '.join(map(repr, stray))} outside [config]: put every setting under "
+                              "[config], or every one at the top level")
+        table = table["config"]
+    nested = sorted(k for k, v in table.items() if isinstance(v, dict))
+    if nested:
+        raise ConfigError(f"{path}: table(s) {', '.join(f'[{k}]' for k in nested)}: settings are flat keys (e.g. "
+                          "num-rounds = 5) at the top level or under [config]; see configs/")
+    return table
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then a TOML file of flat keys (optionally under [config]), then overrides."""
     config = RunConfig()
@@ -312,9 +342,13 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         path = Path(path)
         try:
             table = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        config = from_flat(table.get("config", table), config)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        settings = settings_table(table, path)
+        try:
+            config = from_flat(settings, config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     if overrides:
         config = from_flat(overrides, config)
     return config

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from shared.data.dataset import Dataset, load_dataset
+from shared.data.dataset import Dataset, load_dataset, load_items
 from shared.encoders.cache import EmbeddingCache, file_digest
 from shared.encoders.errors import FailureTally, MediaError
 from shared.principal import principal_components
@@ -362,10 +362,8 @@ def catalogue_shapes(
 ) -> tuple[int, dict[str, int]]:
     """Item count and per-modality content widths, read from the catalogue alone (`items.csv` and the
     headers of `features/*.npy`): what a server needs to build the model without seeing interactions."""
-    import pandas as pd
-
     root = Path(dataset_dir)
-    items = pd.read_csv(root / "items.csv", dtype=str, keep_default_na=False)
+    items = load_items(root)
     modalities = expand_modalities(modalities, items, root)
     wanted = computed_keys(items, modalities, settings)
     dims: dict[str, int] = {}

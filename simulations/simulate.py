@@ -101,6 +101,10 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
     if split.dropped_users:
         log(f"avrec: drop-short-users: {split.dropped_users} user(s) with fewer than 3 interactions left out")
+    if len(users) < cfg.min_clients:  # the server would wait for clients that never come
+        raise ConfigError(f"{dataset_dir}: {len(users)} client(s) (one per user with at least 3 interactions"
+                          f"{', max-users = ' + str(cfg.max_users) if cfg.max_users else ''}), fewer than min-clients "
+                          f"= {cfg.min_clients}; lower min-clients or use a dataset with more users")
     content = item_content(dataset, cfg.modality_list, cfg.cache_dir or None, EncoderSettings.from_config(cfg))
     for line in media_failure_lines(content.failures):
         log(f"avrec: media that could not be decoded: {line}")

@@ -59,7 +59,7 @@ def test_negatives_exclude_interacted_and_are_unique(tmp_path: Path) -> None:
             assert not set(neg.tolist()) & seen
             assert neg.min() >= 0 and neg.max() < N_ITEMS
     assert set(a.val_negatives.tolist()) == set(range(N_ITEMS)) - seen_a
-    with pytest.raises(DatasetError, match=r"user_id 'a'.*n_negatives = 25"):
+    with pytest.raises(DatasetError, match=r"user_id 'a'.*eval-negatives = 25"):
         leave_one_out(ds, seed=3, n_negatives=n_neg + 1)
 
 

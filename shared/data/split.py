@@ -120,7 +120,7 @@ def leave_one_out(
             raise DatasetError(
                 f"{dataset.root / 'interactions.csv'}: user_id {dataset.user_ids[u]!r} interacted "
                 f"with {n_items - len(candidates)} of {n_items} items, leaving {len(candidates)} "
-                f"non-interacted items; expected at least n_negatives = {n_negatives}. Likely "
+                f"non-interacted items; expected at least eval-negatives = {n_negatives}. Likely "
                 f"cause: too few items in the catalogue for this many negatives; lower eval-negatives "
                 f"(--set eval-negatives=N).",
                 file=dataset.root / "interactions.csv",

@@ -1,0 +1,132 @@
+"""Runs that survive: a real `avrec simulate` (Flower's simulation engine, Ray, a tiny planted dataset) killed
+with kill -9 of its process group leaves no process behind, resumes from its checkpoint with `--resume`, and
+ends exactly equal to the same run left uninterrupted; an existing run directory is refused without --resume.
+The same reaper, on a small tree of real processes, also cleans up when only the parent is killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from server.checkpoint import CHECKPOINT, CheckpointError
+from shared.config import load_config
+from shared.data.synthetic import write_planted_dataset
+from shared.processes import alive, descendants, flower_env
+from simulations.simulate import simulate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = write_planted_dataset(root / "planted", n_users=4, n_items=24, n_clusters=2, interactions_per_user=8, seed=0)
+    # No DP and a fixed seed: every round is a deterministic function of the last. No private user vector: a
+    # kill mid-round may leave some devices' private state a round ahead, which a resumed round would reuse.
+    settings = {"dataset": str(data), "cache-dir": str(root / "cache"), "num-rounds": 3, "dp": "none",
+                "eval-negatives": 9, "private-user-vector": False, "min-clients": 4}
+    return root, settings
+
+
+def start(root: Path, settings: dict, out: Path) -> subprocess.Popen:
+    args = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", "simulate", "--out", str(out), *args],
+                            cwd=REPO, env=flower_env(), start_new_session=True,
+                            stdout=(root / f"{out.name}.log").open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def checkpoint_round(out: Path) -> int:
+    try:
+        with safe_open(str(out / CHECKPOINT), "pt") as handle:
+            return json.loads(handle.metadata()["state"])["round"]
+    except Exception:  # not written yet
+        return 0
+
+
+def processes_naming(path: Path) -> list[int]:
+    """Processes whose command line names `path` (Flower's SuperLink, SuperExec, simulation and Ray
+    processes of a run all name its FLWR_HOME or log under it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(path) in cmdline and alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def assert_nothing_left(tree: list[int], out: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (any(alive(p) for p in tree) or processes_naming(out)):
+        time.sleep(0.5)
+    assert not [p for p in tree if alive(p)] and not processes_naming(out), "processes outlived the killed run"
+
+
+def test_a_parent_killed_alone_takes_the_reaped_tree_with_it(tmp_path):
+    """The reaper on a small real tree: a shell whose children fork, and one that leaves its own session
+    (as daemons do); only the parent is killed, with kill -9."""
+    marker = tmp_path / "tree"
+    marker.mkdir()
+    tree = f"sh -c 'sleep 300' {marker} & setsid sh -c 'sleep 301' {marker} & (sh -c 'sleep 302' {marker} &) ; wait"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; from shared.processes import reaped; "
+         f"subprocess.Popen(reaped(['sh', '-c', {tree!r}]), start_new_session=True); time.sleep(300)"],
+        cwd=REPO, start_new_session=True)
+    wait_until(lambda: len(processes_naming(marker)) >= 3, "the tree to start", timeout=30)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    assert_nothing_left([], marker)
+
+
+def test_killed_run_resumes_equal_to_an_uninterrupted_one(setup):
+    root, settings = setup
+    out = root / "killed"
+    proc = start(root, settings, out)
+    wait_until(lambda: checkpoint_round(out) >= 1 or proc.poll() is not None, "the first checkpoint")
+    tree = descendants(proc.pid)
+    assert any(b"ray" in Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if alive(p))
+    os.killpg(proc.pid, signal.SIGKILL)  # avrec's whole process group
+    proc.wait()
+    assert_nothing_left(tree, out)
+    interrupted_at = checkpoint_round(out)
+    assert 1 <= interrupted_at
+
+    # Without --resume, an existing run directory is refused and left as it was.
+    before = (out / "rounds.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        simulate(load_config(overrides={**settings, "out": str(out)}), log=lambda *_: None)
+    assert (out / "rounds.jsonl").read_text() == before
+
+    resumed = subprocess.run([sys.executable, "-m", "shared.cli", "simulate", "--resume", str(out)], cwd=REPO,
+                             env=flower_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = root / "uninterrupted"
+    simulate(load_config(overrides={**settings, "out": str(reference)}), log=lambda *_: None)
+
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3], f"killed after round {interrupted_at}"
+    assert [r["metrics"] for r in rounds] == [r["metrics"] for r in expected]
+    ours, theirs = load_file(out / "global_model.safetensors"), load_file(reference / "global_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    summary, reference_summary = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
+    assert summary["systems"]["avrec (federated)"] == reference_summary["systems"]["avrec (federated)"]
+    assert summary["config"]["resume"] is True
