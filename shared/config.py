@@ -316,7 +316,8 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             pass
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    raise ConfigError(f"{name} = {value!r}: expected a {kind.__name__}")
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    raise ConfigError(f"{name} = {value!r}: expected {expected}")
 
 
 def settings_table(table: Mapping[str, Any], path: Path) -> Mapping[str, Any]:

@@ -8,6 +8,7 @@ from server.aggregate import ServerOptimizer
 from server.checkpoint import CHECKPOINT, CheckpointError, RunState, begin, client_names, first_round, load, save
 from shared.config import RunConfig
 from shared.privacy.ledger import LedgerError, PrivacyLedger
+from shared.privacy.participation import participation, user_epsilon
 
 WEIGHTS = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b.bias": torch.ones(3)}
 
@@ -73,3 +74,25 @@ def test_device_ledger_rounds_are_ordered_within_a_run_and_start_afresh_in_the_n
         append(1, "second")
     with pytest.raises(LedgerError, match="round 3 is before the last recorded round 4 of run first"):
         append(3, "first")
+
+
+def test_a_resumed_user_level_run_is_accounted_as_the_uninterrupted_one(tmp_path):
+    """With DP a resumed run must end with the same accounting: the simulation's new node ids take the old
+    clients' names, so each user's history continues instead of starting afresh."""
+    def ledger_of(name: str, rounds: list[list[int]]) -> PrivacyLedger:
+        ledger = PrivacyLedger(tmp_path / name, level="user")
+        for r, participants in enumerate(rounds, start=1):
+            ledger.append(round=r, mechanism="dp-fedavg", noise_multiplier=1.0, sample_rate=1.0, steps=1,
+                          clip_norm=1.0, sampling="all-clients", amplification=False, neighbouring="user",
+                          details={"participants": participants})
+        return ledger
+
+    whole = user_epsilon(ledger_of("whole.jsonl", [[1, 2]] * 3).entries, 1e-5).epsilon
+    before = ledger_of("resumed.jsonl", [[1, 2]] * 2)
+    state = RunState("r", round=2, chosen=dict(participation(before.entries)), last_round={"1": 2, "2": 2}, clients=[1, 2])
+    names = client_names(state, [10, 20], 1.0)
+    resumed = ledger_of("resumed-3.jsonl", [[1, 2]] * 2 + [sorted(names[n] for n in (10, 20))])
+    assert user_epsilon(resumed.entries, 1e-5).epsilon == whole
+    # Under the new ids themselves each user would be charged for 2 of the 3 rounds only.
+    naive = ledger_of("naive.jsonl", [[1, 2]] * 2 + [[10, 20]])
+    assert user_epsilon(naive.entries, 1e-5).epsilon < whole

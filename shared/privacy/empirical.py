@@ -99,7 +99,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from shared.errors import read_json
+from shared.errors import RunFileError, read_json
 
 from .accounting import SampledGaussian, epsilon_checked
 
@@ -846,7 +846,8 @@ def load_run_config(run_dir: Path):
                 fed = doc if name == "federated.json" else doc.get("federated", {})
                 rounds = int(fed.get("rounds_run") or doc["config"].get("num-rounds") or 0)
                 return from_flat(doc["config"]), rounds, name
-    raise FileNotFoundError(f"{run_dir}: neither federated.json nor summary.json holds the run's config")
+    raise RunFileError(f"{run_dir}: neither federated.json nor summary.json holds the run's config (not a run "
+                       "directory, or the run never finished a round)")
 
 
 def _run_population(cfg, random_content: bool, generator: torch.Generator, log):
