@@ -4,6 +4,7 @@ federated result (test metrics at the round with the best validation HR@10)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -59,13 +60,14 @@ def failure(rounds: list[dict[str, Any]]) -> str:
 
 
 class RunRecorder:
-    def __init__(self, out: Path, rounds: list[dict[str, Any]] | None = None, stop_reason: str = "") -> None:
+    def __init__(self, out: Path, rounds: list[dict[str, Any]] | None = None) -> None:
         """`rounds`: the rows of a resumed run's checkpoint; rounds.jsonl is rewritten to exactly them (a row
-        written after the last checkpoint belongs to a round that is run again)."""
+        written after the last checkpoint is dropped: its round runs again, or is skipped if the server's
+        ledger already charged it)."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = list(rounds or [])
-        self.stop_reason = stop_reason
+        self.stop_reason = ""
         text = "".join(json.dumps(row) + "\n" for row in self.rounds)
         atomic_write(out / "rounds.jsonl", lambda p: Path(p).write_text(text))
 
@@ -80,7 +82,7 @@ class RunRecorder:
             "clients_declined": len(facts["declined"]),
             "updates_rejected": len(facts["rejected"]),
             "clients_failed": len(facts["failed"]),
-            "train_loss": sum(losses) / len(losses) if losses else None,
+            "train_loss": math.fsum(losses) / len(losses) if losses else None,  # exact: independent of reply order
             "user_epsilon": facts["user_epsilon"],
             "metrics": quality,
             "problems": (facts["declined"] + facts["rejected"] + facts["failed"])[:20],

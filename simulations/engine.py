@@ -2,7 +2,8 @@
 
 A private SuperLink (simulation mode, loopback, free ports, its own FLWR_HOME) is started as our child
 in its own process group, the app is submitted with `flwr run <repo> avrec --stream`, and when the run
-ends (or fails, or is interrupted) the whole group is stopped by process id: nothing is left running.
+ends (or fails, or is interrupted) the whole group is stopped by process id: nothing is left running. Both
+run under the reaper (shared/reaper.py), so even a kill -9 of this process leaves nothing behind.
 """
 
 from __future__ import annotations

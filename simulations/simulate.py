@@ -87,6 +87,8 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         temp = tempfile.mkdtemp(prefix="avrec-run-")
         cfg = cfg.replace(out=temp)
     out = Path(cfg.out).resolve()
+    if engine == "inprocess":  # the setting its server runs with (simulations/inprocess.py), recorded as such
+        cfg = cfg.replace(messages_in_flight=0)
     if not cfg.resume:
         refuse_existing(out)  # before anything is written: another run's records are never overwritten
     out.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from server.checkpoint import CHECKPOINT, CheckpointError
-from shared.config import load_config
+from server.checkpoint import CHECKPOINT, CheckpointError, saved_config
+from shared.config import from_flat, load_config
 from shared.data.synthetic import write_planted_dataset
+from shared.privacy.verify import verify_run
 from shared.processes import alive, descendants, flower_env
 from simulations.simulate import simulate
 
@@ -130,3 +131,23 @@ def test_killed_run_resumes_equal_to_an_uninterrupted_one(setup):
     summary, reference_summary = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
     assert summary["systems"]["avrec (federated)"] == reference_summary["systems"]["avrec (federated)"]
     assert summary["config"]["resume"] is True
+
+
+def test_a_dp_run_resumed_ends_with_the_uninterrupted_accounting_and_verifies(setup):
+    """With DP (record and user level; noise from the OS CSPRNG, so the models differ) a run stopped after 2
+    rounds and resumed for a 3rd is charged exactly as the run of 3: the same ledgers' epsilons, and `avrec
+    audit verify` passes. On the in-process engine (the same server loop and device code, no Flower processes),
+    which keeps this test light."""
+    root, settings = setup
+    dp = {**settings, "dp": "both", "trust-model": "central"}
+    stopped, whole = root / "dp-resumed", root / "dp-whole"
+    quiet = {"log": lambda *_: None, "engine": "inprocess", "with_baselines": False}
+    simulate(load_config(overrides={**dp, "num-rounds": 2, "out": str(stopped)}), **quiet)
+    resumed = simulate(from_flat({**saved_config(stopped), "num-rounds": 3, "resume": True}), **quiet)
+    uninterrupted = simulate(load_config(overrides={**dp, "out": str(whole)}), **quiet)
+    assert resumed["federated"]["rounds_run"] == uninterrupted["federated"]["rounds_run"] == 3
+    ours, theirs = resumed["privacy"], uninterrupted["privacy"]
+    assert ours["user_level"]["epsilon"] == theirs["user_level"]["epsilon"] > 0
+    assert {k: ours["record_level"][k] for k in ("median", "max")} == {k: theirs["record_level"][k] for k in ("median", "max")}
+    for run in (stopped, whole):
+        assert verify_run(run).ok, verify_run(run).problems
