@@ -25,9 +25,9 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from server.aggregate import ServerOptimizer
 from server.records import atomic_write
-from shared.privacy.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.errors import UserError
+from shared.privacy.ledger import PrivacyLedger
 
 CHECKPOINT = "checkpoint.safetensors"
 # Files whose presence means the directory holds a run (written by the server from round 1 on)
