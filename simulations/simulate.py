@@ -141,6 +141,8 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
                                  "unit": "all data of one user", "trust_model": cfg.trust_model,
                                  "neighbouring": ledger.entries[0].neighbouring if ledger.entries else None,
                                  "accountant": report.accountant}
+    # A run stopped before its first round (a spent budget) has no model to serve
+    served = served_lists(out, cfg, dataset, users) if (out / "global_model.safetensors").exists() else None
     summary = {
         "dataset": str(dataset_dir),
         "clients": len(users),
@@ -154,7 +156,7 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         "privacy": privacy,
         "modality_weights": weights,
         "media_failures": content.failures,
-        "served_lists": served_lists(out, cfg, dataset, users),
+        **({"served_lists": served} if served is not None else {}),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "federation_seconds": round(fed_seconds, 1),
         "peak_memory_bytes": memory.peak,

@@ -169,3 +169,27 @@ def test_a_supernode_that_cannot_reach_its_superlink_gives_up_naming_it(tmp_path
 
     with pytest.raises(ConfigError, match="connect-timeout = nan"):
         load_deploy_settings(tmp_path / "deploy.toml")
+
+
+def test_more_bad_input_is_one_line(planted, tmp_path, capsys):
+    line, _ = one_line_error(capsys, ["embed", str(tmp_path / "nowhere")])
+    assert "not a directory" in line
+    line, _ = one_line_error(capsys, ["simulate", "--dataset", str(planted), "--out", str(tmp_path / "run"), "--set",
+                                      "modalities=smell", "--set", "eval-negatives=9"], status=2)
+    assert "'smell' was requested" in line
+    # A report over a directory that fails verification is written, but never ends as a success.
+    line, _ = one_line_error(capsys, ["audit", "report", str(tmp_path)])
+    assert "verification FAILED" in line
+
+
+def test_a_spent_budget_is_a_designed_end_that_says_so(planted, tmp_path):
+    """The user-level budget cannot pay for round 1: the run stops, exits normally and says why (on the
+    in-process engine: the same server loop as on Flower's)."""
+    from simulations.simulate import format_table, simulate
+
+    cfg = load_config(overrides={"dataset": str(planted), "out": str(tmp_path / "run"), "cache-dir": str(tmp_path / "c"),
+                                 "eval-negatives": 9, "modalities": "text", "user-epsilon-budget": 0.5})
+    summary = simulate(cfg, log=lambda *_: None, engine="inprocess", with_baselines=False)
+    assert summary["federated"]["rounds_run"] == 0
+    assert summary["federated"]["stop_reason"] == "user-level budget 0.5 reached before round 1"
+    assert "stopped early, as designed: user-level budget 0.5" in format_table(summary)
