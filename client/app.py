@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 def population(cfg: RunConfig):
     dataset_dir = resolve_dataset(cfg)
     dataset, content = load_cached(str(dataset_dir), cfg.modalities, cfg.cache_dir, EncoderSettings.from_config(cfg))
-    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
+    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
     return dataset, content, users
 
@@ -89,7 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     if is_legacy_fit(msg):  # a SecAgg+ round (secure-aggregation = true): see client/secagg.py
         return train_legacy(msg, device, state_root(device))
     global_state = msg.content["arrays"].to_torch_state_dict()
-    reply = device.train_round(global_state, int(msg.content["config"]["server-round"]))
+    config = msg.content["config"]
+    reply = device.train_round(global_state, int(config["server-round"]), str(config.get("run-id", "")))
     return reply_message(msg, reply, device, cfg, global_state)
 
 

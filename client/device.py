@@ -89,32 +89,37 @@ class Device:
     def history_sigma(self) -> float:
         return self.cfg.history_noise_multiplier if self.cfg.record_dp else 0.0
 
-    def release_metadata(self, server_round: int) -> dict[str, str]:
+    def release_metadata(self, server_round: int, run_id: str) -> dict[str, str]:
         # What a saved release must match to be reused (noise and form: public), and when it was made.
-        return {"history-sigma": repr(self.history_sigma), "history-form": "sum", "history-round": str(server_round)}
+        return {"history-sigma": repr(self.history_sigma), "history-form": "sum", "history-round": str(server_round),
+                "history-run": run_id}
 
-    def _release_due(self, meta: dict[str, str], server_round: int) -> bool:
-        """Whether this round releases the history: the first round, then every `history-refresh-rounds`.
-        The schedule never looks at the history itself (a release when it changed would tell the server
-        that it changed), so a history that grew is used through its last release until the next one."""
+    def _release_due(self, meta: dict[str, str], server_round: int, run_id: str) -> bool:
+        """Whether this round releases the history: the device's first round, then every
+        `history-refresh-rounds` rounds of a run (a later run, whose rounds count afresh, starts with a release;
+        with 0 a device releases once in its life). The schedule never looks at the history itself (a release
+        when it changed would tell the server that it changed), so a history that grew is used through its
+        last release until the next one."""
         if meta.get("history-sigma") != repr(self.history_sigma) or meta.get("history-form") != "sum":
             return True
         every = self.cfg.history_refresh_rounds
-        return bool(every) and server_round - int(meta.get("history-round", server_round)) >= every
+        if not every:
+            return False
+        return meta.get("history-run", "") != run_id or server_round - int(meta.get("history-round", server_round)) >= every
 
-    def _history(self, saved: dict[str, torch.Tensor], server_round: int):
+    def _history(self, saved: dict[str, torch.Tensor], server_round: int, run_id: str):
         """The history sum as training reads it, the ledger event it costs now (None when the last release
         is reused), and the metadata to save with it. Without record-level DP: the exact sum, every round."""
         rows = self.content.history_rows
         if self.history_sigma == 0:
             exact = release_history(rows, self.split.train, 0.0, torch.Generator())
-            return exact, None, self.release_metadata(server_round)
+            return exact, None, self.release_metadata(server_round, run_id)
         meta = self.state.private_metadata()
-        if "history" in saved and not self._release_due(meta, server_round):
+        if "history" in saved and not self._release_due(meta, server_round, run_id):
             return saved["history"], None, meta
         generator = torch.Generator().manual_seed(self.round_seed(server_round) + 7)
         released = release_history(rows, self.split.train, self.history_sigma, generator)
-        return released, SampledGaussian(self.history_sigma, 1.0, 1), self.release_metadata(server_round)
+        return released, SampledGaussian(self.history_sigma, 1.0, 1), self.release_metadata(server_round, run_id)
 
     def _round_events(self, history_event: SampledGaussian | None) -> list[SampledGaussian]:
         events = [history_event] if history_event else []
@@ -122,10 +127,10 @@ class Device:
             events.append(SampledGaussian(self.cfg.noise_multiplier, self.cfg.record_sample_rate, self.cfg.record_steps))
         return events
 
-    def _record(self, server_round: int, history_event: SampledGaussian | None) -> None:
+    def _record(self, server_round: int, run_id: str, history_event: SampledGaussian | None) -> None:
         """The round's record-level mechanisms in the ledger: each entry is fixed by the configuration and
-        the round alone (no example count, nothing from the data), so its hash and the head's entry count
-        reveal nothing beyond participation."""
+        the round (of the run `run_id`; rounds are ordered within a run) alone (no example count, nothing from
+        the data), so its hash and the head's entry count reveal nothing beyond participation."""
         cfg = self.cfg
         if history_event:
             self.state.ledger.append(
@@ -133,7 +138,7 @@ class Device:
                 noise_multiplier=history_event.noise_multiplier, sample_rate=1.0, steps=1,
                 clip_norm=1.0, sampling="none", amplification=False, neighbouring=NEIGHBOURING,
                 details={"sensitivity": "each history row has L2 norm <= 1",
-                         "refresh_rounds": cfg.history_refresh_rounds},
+                         "refresh_rounds": cfg.history_refresh_rounds, "run": run_id},
             )
         self.state.ledger.append(
             level="record", round=server_round, mechanism="dp-sgd",
@@ -142,15 +147,16 @@ class Device:
             neighbouring=NEIGHBOURING,
             details={"divisor": cfg.batch_size, "grad_sample_mode": cfg.grad_sample_mode,
                      "sampling_source": SAMPLING_SOURCE,
-                     "noise_source": "torch.Generator seeded with 62 bits from the OS CSPRNG"},
+                     "noise_source": "torch.Generator seeded with 62 bits from the OS CSPRNG", "run": run_id},
         )
 
-    def train_round(self, global_state: dict[str, torch.Tensor], server_round: int) -> Reply:
+    def train_round(self, global_state: dict[str, torch.Tensor], server_round: int, run_id: str = "") -> Reply:
+        """One round of run `run_id` (the server's; a device's ledger spans every run it took part in)."""
         cfg = self.cfg
         model = build_model(self.content, self.n_catalogue, cfg)
         saved = self.state.load_private()
         model.load_state_dict({**self.private_start(model, saved), **global_state}, strict=True)
-        history, history_event, release_meta = self._history(saved, server_round)
+        history, history_event, release_meta = self._history(saved, server_round, run_id)
 
         if cfg.record_dp:
             # RDP is an upper bound on the tight epsilon and fast: a device may stop a round early, never
@@ -166,7 +172,7 @@ class Device:
                     f"{after:.3f} (RDP bound, delta {cfg.delta}) over the budget {cfg.epsilon_budget}",
                     evaluation,
                 )
-            self._record(server_round, history_event)
+            self._record(server_round, run_id, history_event)
 
         before = {k: v.clone() for k, v in shared_state(model).items()}
         result = train_local(

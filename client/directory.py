@@ -44,7 +44,7 @@ class DeviceDirectory:
         self.state_dir = Path(state_dir).expanduser() if state_dir else self.data_dir / "state"
         # The run config's cache-dir names a path on the server's machine: a device uses its own.
         dataset, content = load_cached(str(self.data_dir), cfg.modalities, cache_dir, EncoderSettings.from_config(cfg))
-        split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
+        split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
         self.devices = [
             Device(dataset.user_ids[u.user], u, content, dataset.n_items, cfg, self.state_dir / dataset.user_ids[u.user])
             for u in split.users
@@ -56,8 +56,8 @@ class DeviceDirectory:
         """The signed head of each of this device's users' ledgers: sent with every reply."""
         return [head for d in self.devices for head in d.ledger_heads()]
 
-    def train_round(self, global_state: dict[str, torch.Tensor], server_round: int) -> Reply:
-        replies = [d.train_round(global_state, server_round) for d in self.devices]
+    def train_round(self, global_state: dict[str, torch.Tensor], server_round: int, run_id: str = "") -> Reply:
+        replies = [d.train_round(global_state, server_round, run_id) for d in self.devices]
         sent = [r.delta for r in replies if r.delta is not None]
         # Only what each user's device may send (Reply.metrics); their harness results never leave here.
         scored = [{k: v for k, v in r.metrics.items() if "/" in k} for r in replies]

@@ -97,7 +97,7 @@ def train_legacy(msg: Message, device, state_root: Path) -> Message:
     arrays = parameters_to_ndarrays(fitins.parameters)
     global_state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
     server_round = int(fitins.config["server-round"])
-    reply = device.train_round(global_state, server_round)
+    reply = device.train_round(global_state, server_round, str(fitins.config.get("run-id", "")))
     # A device that declines sends zeros (under trust-model secure, its noise share of zeros): under SecAgg+
     # every device that shared keys must send a vector.
     delta = reply.delta if reply.delta is not None else {k: torch.zeros_like(v) for k, v in global_state.items()}

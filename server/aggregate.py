@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from shared.updates import UpdateError, check_update
+from shared.updates import UpdateError, check_update, update_norm
 
 
 def sample_clients(nodes: Sequence[int], fraction: float) -> tuple[list[int], bool]:
@@ -48,16 +48,20 @@ def aggregate(
     """Validate each `(source, update)` and average the valid ones (or sum, noise and divide by the
     fixed `expected_clients` under user-level DP). Invalid updates are left out and reported."""
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
-    accepted, rejected = 0, []
+    valid, rejected = [], []
     for source, update in updates:
         try:
             check_update(update, reference, clip_norm if user_dp else None, source)
         except UpdateError as exc:
             rejected.append(str(exc))
             continue
+        valid.append(update)
+    # Summed in order of norm, not of arrival: float addition is not associative, and a canonical order makes
+    # the aggregate (and so a resumed run) independent of which reply came first.
+    for update in sorted(valid, key=update_norm):
         for k, v in update.items():
             total[k] += v.double()
-        accepted += 1
+    accepted = len(valid)
     if user_dp:
         return Aggregate(noised_mean(total, reference, clip_norm, noise_multiplier, expected_clients, generator), accepted, rejected)
     if accepted == 0:

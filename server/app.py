@@ -5,7 +5,7 @@ manifest."""
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -21,8 +21,9 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server import checkpoint
 from server.aggregate import ServerOptimizer, aggregate, sample_clients, server_lr
-from server.records import RunRecorder
+from server.records import RunFailed, RunRecorder
 from server.secure_sum import SecureRound
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
@@ -75,9 +76,10 @@ def open_user_ledger(cfg: RunConfig, out: Path) -> tuple[Ed25519PrivateKey, Priv
 
 def sign_manifest(
     out: Path, key: Ed25519PrivateKey, ledger: PrivacyLedger | None, cfg: RunConfig, rounds_run: int,
-    device_heads: dict[str, dict], chosen: dict[str, int],
+    device_heads: dict[str, dict], chosen: dict[str, int], run_id: str,
 ) -> None:
-    """The run's signed audit manifest: ledger head, devices' last signed heads, participation, digests."""
+    """The run's signed audit manifest: ledger head, devices' last signed heads, participation, digests, and the
+    run's id (which its devices' ledger entries carry)."""
     write_manifest(out, key, {
         "server_ledger": {"entries": len(ledger.entries), "last_hash": ledger.entries[-1].hash if ledger.entries else ""}
         if ledger is not None else None,
@@ -86,6 +88,7 @@ def sign_manifest(
         "config_sha256": config_digest(cfg.to_flat()),
         "code_sha256": code_digest(),
         "rounds_run": rounds_run,
+        "run_id": run_id,
     })
 
 
@@ -191,22 +194,27 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
     out = Path(cfg.out)
-    recorder = RunRecorder(out)
-    global_state = initial_model(cfg, dataset_dir)
-    key, ledger = open_user_ledger(cfg, out)
-    chosen = participation(ledger.entries) if ledger is not None else {}
-    last_round = {str(n): e.round for e in (ledger.entries if ledger else []) for n in e.details.get("participants", ())}
-    device_heads: dict[str, dict] = {}
     optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, momentum=cfg.server_momentum)
+    state, global_state = checkpoint.begin(out, cfg, optimizer, lambda: initial_model(cfg, dataset_dir))
+    recorder = RunRecorder(out, state.rounds)
+    key, ledger = open_user_ledger(cfg, out)
+    if ledger is not None:  # the ledger is the record of who was charged (it may be a round past the checkpoint)
+        state.chosen = dict(participation(ledger.entries))
+        state.last_round = {str(n): e.round for e in ledger.entries for n in e.details.get("participants", ())}
+    chosen, last_round, device_heads = state.chosen, state.last_round, state.device_heads
     nodes = wait_for_nodes(grid, cfg.min_clients)
-    log(INFO, "avrec: %d clients, %d rounds, dp=%s", len(nodes), cfg.num_rounds, cfg.dp)
-    for server_round in range(1, cfg.num_rounds + 1):
+    names = checkpoint.client_names(state, nodes, cfg.fraction_train)  # node id -> client name in the records
+    start = checkpoint.first_round(state, ledger)
+    log(INFO, "avrec: %d clients, rounds %d to %d, dp=%s", len(nodes), start, cfg.num_rounds, cfg.dp)
+    for server_round in range(start, cfg.num_rounds + 1):
         started = time.perf_counter()
         nodes = list(grid.get_node_ids())
-        eligible = [n for n in nodes if schedule_allows(cfg, chosen.get(str(n), 0), last_round.get(str(n)), server_round)]
+        names.update({n: n for n in nodes if n not in names})  # a node that joined since
+        eligible = [n for n in nodes
+                    if schedule_allows(cfg, chosen.get(str(names[n]), 0), last_round.get(str(names[n])), server_round)]
         sampled, random_sample = sample_clients(eligible, cfg.fraction_train)
         if not sampled and not random_sample:
-            if all(not schedule_allows(cfg, chosen.get(str(n), 0), None, server_round) for n in nodes):
+            if all(not schedule_allows(cfg, chosen.get(str(names[n]), 0), None, server_round) for n in nodes):
                 recorder.stopped(f"every client has taken part in max-rounds-per-client = {cfg.max_rounds_per_client} rounds")
                 break
             log(INFO, "avrec: round %d skipped: no client is min-round-separation = %d rounds past its last round",
@@ -215,7 +223,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         # The fixed DP-FedAvg denominator: the expected sample, or the server's own (data-independent) choice
         expected = cfg.fraction_train * len(nodes) if random_sample else len(sampled)
         user_event = None
-        round_config: dict = {"server-round": server_round}
+        round_config: dict = {"server-round": server_round, "run-id": state.run_id}
         secure_round = None
         if ledger is not None:
             # Amplification is claimed only for Poisson sampling from the OS CSPRNG.
@@ -223,8 +231,8 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 secure_round = SecureRound.plan_round(cfg, expected, global_state)
                 round_config.update(secure_round.config())
             user_event = user_round_event(cfg, secure_round, cfg.fraction_train if random_sample else 1.0)
-            if budget_exhausted(recorder, cfg, epsilon_after(ledger, user_event, sampled, random_sample, cfg.user_delta),
-                                server_round):
+            after = epsilon_after(ledger, user_event, [names[n] for n in sampled], random_sample, cfg.user_delta)
+            if budget_exhausted(recorder, cfg, after, server_round):
                 break
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(round_config)})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
@@ -264,11 +272,11 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         if result.delta is not None:
             global_state = optimizer.step(global_state, result.delta, server_lr(cfg, server_round))
             if ledger is not None:
-                facts = round_facts(cfg, len(nodes), len(eligible), sampled, expected, random_sample)
+                facts = round_facts(cfg, len(nodes), len(eligible), [names[n] for n in sampled], expected, random_sample)
                 record_user_round(ledger, cfg, server_round, user_event, result.accepted, facts, secure_round)
         for n in sampled:
-            chosen[str(n)] = chosen.get(str(n), 0) + 1
-            last_round[str(n)] = server_round
+            chosen[str(names[n])] = chosen.get(str(names[n]), 0) + 1
+            last_round[str(names[n])] = server_round
         recorder.round(
             server_round,
             metric_rows,
@@ -281,9 +289,17 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             user_epsilon=user_epsilon(ledger.entries, cfg.user_delta).epsilon if ledger is not None else None,
         )
         recorder.checkpoint(global_state)
+        state.round, state.rounds, state.clients = server_round, recorder.rounds, [names[n] for n in nodes]
+        checkpoint.save(out, state, global_state, {"m": optimizer.m, "v": optimizer.v})
         for reason in (declined + result.rejected + failed)[:3]:
             log(WARNING, "avrec: round %d: %s", server_round, reason)
         log(INFO, "%s", recorder.progress_line())
-    sign_manifest(out, key, ledger, cfg, len(recorder.rounds), device_heads, chosen)
-    recorder.finish(cfg)
+        if sampled and len(declined) == len(sampled):  # a designed end, not a failure
+            recorder.stopped(f"every client sent round {server_round} declined: their record-level budgets are spent")
+            break
+    sign_manifest(out, key, ledger, cfg, len(recorder.rounds), device_heads, chosen, state.run_id)
+    finished = recorder.finish(cfg)
     log(INFO, "avrec: results in %s", out / "federated.json")
+    if finished["failure"]:
+        log(ERROR, "avrec: the run failed: %s", finished["failure"])
+        raise RunFailed(finished["failure"])

@@ -4,8 +4,11 @@ federated result (test metrics at the round with the best validation HR@10)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from shared.config import RunConfig
+from shared.errors import UserError
 from shared.metrics import mean_metrics, table
 
 SELECT_BY = "sampled-99/val/hr@10"
@@ -30,13 +34,42 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+class RunFailed(UserError, RuntimeError):
+    """The run trained nothing it could use (`failure`): it must not end as a success."""
+
+
+def reason_counts(problems: list[str]) -> dict[str, int]:
+    """How often each reason occurred, node ids left out ("node 123: no reply" -> "node N: no reply")."""
+    return dict(Counter(re.sub(r"node -?\d+", "node N", p) for p in problems))
+
+
+def failure(rounds: list[dict[str, Any]]) -> str:
+    """Why the run failed, or "": no update was aggregated although clients failed or were rejected, or most
+    client-rounds failed. Devices declining at the end of their budget are a designed end, not a failure."""
+    sampled = sum(r["clients_sampled"] for r in rounds)
+    failed = sum(r["clients_failed"] + r["updates_rejected"] for r in rounds)
+    if not failed or (any(r["clients_aggregated"] for r in rounds) and 2 * failed <= sampled):
+        return ""
+    counts: Counter = Counter()
+    for r in rounds:
+        counts.update(r.get("problem_counts", {}))
+    reasons = "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(3))
+    what = ("no update was aggregated in any round" if not any(r["clients_aggregated"] for r in rounds)
+            else "most clients failed")
+    return f"{what}: {failed} of {sampled} client-rounds failed or were rejected over {len(rounds)} round(s) ({reasons})"
+
+
 class RunRecorder:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, rounds: list[dict[str, Any]] | None = None) -> None:
+        """`rounds`: the rows of a resumed run's checkpoint; rounds.jsonl is rewritten to exactly them (a row
+        written after the last checkpoint is dropped: its round runs again, or is skipped if the server's
+        ledger already charged it)."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
         self.stop_reason = ""
-        (out / "rounds.jsonl").write_text("")
+        text = "".join(json.dumps(row) + "\n" for row in self.rounds)
+        atomic_write(out / "rounds.jsonl", lambda p: Path(p).write_text(text))
 
     def round(self, server_round: int, metric_rows: list[dict[str, float]], seconds: float, **facts: Any) -> None:
         quality = mean_metrics({k: v for k, v in r.items() if "/" in k} for r in metric_rows if SELECT_BY in r)
@@ -49,10 +82,11 @@ class RunRecorder:
             "clients_declined": len(facts["declined"]),
             "updates_rejected": len(facts["rejected"]),
             "clients_failed": len(facts["failed"]),
-            "train_loss": sum(losses) / len(losses) if losses else None,
+            "train_loss": math.fsum(losses) / len(losses) if losses else None,  # exact: independent of reply order
             "user_epsilon": facts["user_epsilon"],
             "metrics": quality,
             "problems": (facts["declined"] + facts["rejected"] + facts["failed"])[:20],
+            "problem_counts": reason_counts(facts["rejected"] + facts["failed"]),
         }
         self.rounds.append(row)
         with open(self.out / "rounds.jsonl", "a") as handle:
@@ -98,6 +132,7 @@ class RunRecorder:
             "updates_rejected_total": sum(r["updates_rejected"] for r in self.rounds),
             "clients_failed_total": sum(r["clients_failed"] for r in self.rounds),
             "stop_reason": self.stop_reason,
+            "failure": failure(self.rounds),
             "config": cfg.to_flat(),
         }
         atomic_write(self.out / "federated.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))

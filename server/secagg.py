@@ -23,6 +23,7 @@ Either way N x 2**bits must stay below Flower's modulus 2**32, or the sum wraps:
 
 from __future__ import annotations
 
+import secrets
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -50,6 +51,7 @@ from server.app import (
     sign_manifest,
     user_round_event,
 )
+from server.checkpoint import refuse_existing
 from server.records import RunRecorder
 from server.secure_sum import SecureRound
 from shared.config import RunConfig
@@ -166,6 +168,7 @@ class SecAggFedAvg(FedAvg):
         self.chosen: dict[str, int] = {}
         self.device_heads: dict[str, dict] = {}  # the latest signed ledger head per device key, for the manifest
         self.out = out
+        self.run_id = secrets.token_hex(8)  # devices order their ledger's rounds within it (server/checkpoint.py)
         self.started = time.perf_counter()
         self.plan: SecAggPlan | None = None  # this round's, set in configure_fit
         self.participants: list[int] = []
@@ -174,7 +177,7 @@ class SecAggFedAvg(FedAvg):
             fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_clients, min_evaluate_clients=0,
             min_available_clients=cfg.min_clients, accept_failures=True,
             initial_parameters=ndarrays_to_parameters([v.numpy() for v in initial.values()]),
-            on_fit_config_fn=lambda r: {"server-round": r, "keys": "\n".join(self.keys)},
+            on_fit_config_fn=lambda r: {"server-round": r, "run-id": self.run_id, "keys": "\n".join(self.keys)},
         )
 
     def refuse(self, when: str, exc: SecAggRangeError) -> None:
@@ -255,6 +258,7 @@ def secagg_workflow(cfg: RunConfig, mechanism: CentralNoise | DeviceShares) -> D
 def run_secure(grid: Grid, context: Context, cfg: RunConfig, initial: dict[str, torch.Tensor]) -> None:
     install_secure_masks()  # before any mask is drawn or removed: devices use the same PRG (client/secagg.py)
     out = Path(cfg.out)
+    refuse_existing(out)
     strategy = SecAggFedAvg(cfg, initial, out)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
     log(INFO, "avrec: secure aggregation (SecAgg+, %d shares, threshold %d, masks %s), %d rounds, %s",
@@ -268,5 +272,6 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, initial: dict[str, 
     else:
         secagg_workflow(cfg, strategy.mechanism)(grid, legacy)
     sign_manifest(out, strategy.key, strategy.ledger, cfg, len(strategy.recorder.rounds), strategy.device_heads,
-                  strategy.chosen)
+                  strategy.chosen,
+                  strategy.run_id)
     strategy.recorder.finish(cfg)

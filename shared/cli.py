@@ -11,7 +11,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from shared.config import ConfigError, load_config
+from shared.config import ConfigError, from_flat, load_config
+from shared.errors import UserError
 
 # One line per subcommand module.
 SUBCOMMANDS = [
@@ -54,10 +55,25 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def resume_config(args: argparse.Namespace):
+    """The configuration of the run in --resume RUN, with `resume` set and only num-rounds changeable."""
+    from server.checkpoint import RESUMABLE_CHANGES, saved_config
+
+    if args.config or args.dataset or args.out:
+        raise ConfigError("--resume RUN continues that run with its own settings: drop --config, --dataset and "
+                          "--out (only --set num-rounds=N may change)")
+    overrides = _overrides(args.set)
+    if set(overrides) - set(RESUMABLE_CHANGES):
+        raise ConfigError(f"--resume: --set {', '.join(sorted(set(overrides) - set(RESUMABLE_CHANGES)))} would change "
+                          "the run being resumed; only num-rounds may change")
+    run = args.resume.resolve()
+    return from_flat({**saved_config(run), **overrides, "resume": True, "out": str(run)})
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import simulate
 
-    simulate(config_from_args(args), engine=args.engine)
+    simulate(resume_config(args) if args.resume else config_from_args(args), engine=args.engine)
     return 0
 
 
@@ -71,6 +87,8 @@ def register(commands) -> None:
     sim.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                      help="flower: Flower's simulation engine (default); inprocess: the same server loop and device "
                           "code in one process with devices trained as a batch (fast; no SecAgg+ protocol)")
+    sim.add_argument("--resume", type=Path, metavar="RUN",
+                     help="continue the run in directory RUN from its last checkpoint (with its own settings)")
     sim.set_defaults(func=_simulate)
 
 
@@ -84,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         parser.error(str(exc))
+    except UserError as exc:  # data, run-directory and run failures: one line, no traceback
+        print(f"avrec: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ defaults below and pyproject.toml agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+from shared.errors import UserError
 
 DP_MODES = ("none", "record", "user", "both")
 # Who adds the user-level noise (record level is always `local`: each device's own DP-SGD):
@@ -20,7 +23,7 @@ DP_MODES = ("none", "record", "user", "both")
 TRUST_MODELS = ("central", "secure")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is unknown, has the wrong type, or is out of range."""
 
 
@@ -33,6 +36,7 @@ class RunConfig:
     max_users: int = 0  # 0 = every user is a client; N = the first N users (smoke runs)
     seed: int = 0
     eval_negatives: int = 99
+    drop_short_users: bool = False  # leave out users with fewer than 3 interactions (too few to split) instead of refusing
 
     # Model
     embedding_dim: int = 64
@@ -99,7 +103,8 @@ class RunConfig:
     secure_min_fraction: float = 0.9
 
     # Outputs
-    out: str = ""  # run directory; "" = none
+    out: str = ""  # run directory; "" = none. A fresh run refuses one that already holds a run's records
+    resume: bool = False  # continue the run in `out` from its last checkpoint (only num-rounds may change)
     state_dir: str = ""  # where simulated devices keep their state; "" = <out>/devices
 
     # Secure aggregation (Flower SecAgg+, masks from avrec's cryptographic PRG): the server learns only the sum
@@ -130,6 +135,19 @@ class RunConfig:
     min_round_separation: int = 1
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # NaN fails every comparison: a NaN budget is never reached, a NaN noise scale never checked
+                raise ConfigError(f"{key(f.name)} = {value}: expected a finite number (NaN and infinity void the checks "
+                                  "and guarantees that use it)")
+        for name in ("learning_rate", "server_learning_rate", "logit_scale", "epsilon_budget", "user_epsilon_budget",
+                     "eval_negatives", "min_clients"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value > 0")
+        for name in ("private_learning_rate", "seed", "max_users", "recent_items"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value >= 0")
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
         if self.id_embeddings not in ("auto", "true", "false"):
@@ -214,6 +232,9 @@ class RunConfig:
                     f"trust-model = secure needs secagg-reconstruction-threshold > secagg-num-shares / 2 (got "
                     f"{self.secagg_reconstruction_threshold} of {self.secagg_num_shares}): otherwise a server that "
                     "lies about who dropped out can unmask a single device")
+        if self.resume and self.secure_aggregation:
+            raise ConfigError("resume = true with secure-aggregation = true: Flower's legacy SecAgg+ workflow always "
+                              "starts at round 1; start a new run (a new --out) instead")
         if self.user_dp and (self.user_noise_multiplier <= 0 or self.user_clip_norm <= 0):
             raise ConfigError(
                 f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "
@@ -295,7 +316,24 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             pass
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    raise ConfigError(f"{name} = {value!r}: expected a {kind.__name__}")
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    raise ConfigError(f"{name} = {value!r}: expected {expected}")
+
+
+def settings_table(table: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+    """A config file's settings: flat keys at the top level, or all of them under one [config] table. Any other
+    table, or keys beside [config], would be silently ignored: they are errors."""
+    if "config" in table and isinstance(table["config"], dict):
+        stray = sorted(k for k in table if k != "config")
+        if stray:
+            raise ConfigError(f"{path}: {', '.join(map(repr, stray))} outside [config]: put every setting under "
+                              "[config], or every one at the top level")
+        table = table["config"]
+    nested = sorted(k for k, v in table.items() if isinstance(v, dict))
+    if nested:
+        raise ConfigError(f"{path}: table(s) {', '.join(f'[{k}]' for k in nested)}: settings are flat keys (e.g. "
+                          "num-rounds = 5) at the top level or under [config]; see configs/")
+    return table
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -305,9 +343,13 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         path = Path(path)
         try:
             table = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        config = from_flat(table.get("config", table), config)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        settings = settings_table(table, path)
+        try:
+            config = from_flat(settings, config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     if overrides:
         config = from_flat(overrides, config)
     return config

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from shared.data.dataset import Dataset, load_dataset
+from shared.errors import RunFileError
 from shared.features import COMPUTED, EncoderSettings, computed_keys, item_content
 
 # A folder of media files: one item per file, its modality from the file's extension.
@@ -32,7 +33,7 @@ def media_folder(root: Path) -> Dataset:
         if kind:
             rows.append({"item_id": str(path.relative_to(root)), "title": path.stem, kind: str(path.relative_to(root))})
     if not rows:
-        raise ValueError(
+        raise RunFileError(
             f"{root}: no media files found (extensions: {', '.join(sorted(set().union(*EXTENSIONS.values())))}) "
             "and no items.csv: expected a dataset directory or a folder of images, videos or audio files"
         )
@@ -48,7 +49,7 @@ def open_catalogue(path: Path) -> tuple[Dataset, str]:
         return load_dataset(path), "dataset"
     if path.is_dir():
         return media_folder(path), "media folder"
-    raise ValueError(f"{path}: not a directory; expected a dataset directory (items.csv) or a folder of media files")
+    raise RunFileError(f"{path}: not a directory; expected a dataset directory (items.csv) or a folder of media files")
 
 
 def embed(

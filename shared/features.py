@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from shared.data.dataset import Dataset, load_dataset
+from shared.config import ConfigError
+from shared.data.dataset import Dataset, load_dataset, load_items
 from shared.encoders.cache import EmbeddingCache, file_digest
 from shared.encoders.errors import FailureTally, MediaError
 from shared.principal import principal_components
@@ -290,7 +291,7 @@ def media_features(
                               audio.dim_for(settings.audio_encoder),
                               lambda: one_by_one(audio.load_audio_encoder(settings.audio_encoder).embed_file),
                               cache, tally, progress)
-    raise ValueError(f"no on-device encoder for {key!r}; expected one of {', '.join(sorted(COMPUTED))}")
+    raise ConfigError(f"modalities: no on-device encoder for {key!r}; expected one of {', '.join(sorted(COMPUTED))}")
 
 
 def item_content(
@@ -329,8 +330,8 @@ def item_content(
             if name.split("-", 1)[0] == modality and name not in features:
                 features[name] = dataset.load_features(name)
         if not any(k == modality or k.startswith(f"{modality}-") for k in features):
-            raise ValueError(
-                f"modality {modality!r} was requested but the dataset {dataset.root} has neither a non-empty "
+            raise ConfigError(
+                f"modalities: {modality!r} was requested but the dataset {dataset.root} has neither a non-empty "
                 f"{modality!r} column in items.csv for the on-device encoder nor a "
                 f"features/{modality}-<name>.npy file"
             )
@@ -362,10 +363,8 @@ def catalogue_shapes(
 ) -> tuple[int, dict[str, int]]:
     """Item count and per-modality content widths, read from the catalogue alone (`items.csv` and the
     headers of `features/*.npy`): what a server needs to build the model without seeing interactions."""
-    import pandas as pd
-
     root = Path(dataset_dir)
-    items = pd.read_csv(root / "items.csv", dtype=str, keep_default_na=False)
+    items = load_items(root)
     modalities = expand_modalities(modalities, items, root)
     wanted = computed_keys(items, modalities, settings)
     dims: dict[str, int] = {}

@@ -76,7 +76,8 @@ def mean_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
     rows = list(rows)
     if not rows:
         return {}
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    # fsum is exact, so the mean does not depend on the order the rows (replies) arrived in
+    return {k: math.fsum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def table(metrics: Mapping[str, float], stage: str = "test") -> dict[str, dict[str, float]]:

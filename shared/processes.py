@@ -24,6 +24,15 @@ QUIET_ENV = {
 }
 
 
+def reaped(command: list[str]) -> list[str]:
+    """`command` run under the reaper (shared/reaper.py): none of its processes outlives our process, however
+    ours ends. Start the result with start_new_session=True. The reaper finds this package through its own
+    sys.path only, so the command's environment (and what Flower imports) is unchanged."""
+    root = str(Path(__file__).resolve().parents[1])
+    bootstrap = f"import sys; sys.path.insert(0, {root!r}); from shared.reaper import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", bootstrap, "--", *command]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -78,7 +78,7 @@ def _stack_step(plans: Sequence[_Plan], step: int, width: int) -> tuple[torch.Te
 
 
 def train_cohort(devices: Sequence[Device], global_state: dict[str, torch.Tensor], server_round: int,
-                 progress: Callable[[int], None] | None = None) -> list[Reply]:
+                 progress: Callable[[int], None] | None = None, run_id: str = "") -> list[Reply]:
     """Each device's `Reply` for this round, as `Device.train_round` would give it; also saves each device's
     private state as it does. `progress(devices done)` is called after each cohort."""
     if not devices:
@@ -89,14 +89,15 @@ def train_cohort(devices: Sequence[Device], global_state: dict[str, torch.Tensor
     replies: dict[int, Reply] = {}
     for start in range(0, len(devices), COHORT):
         chunk = list(devices[start:start + COHORT])
-        for i, reply in zip(range(start, start + len(chunk)), _train_chunk(chunk, global_state, server_round)):
+        for i, reply in zip(range(start, start + len(chunk)), _train_chunk(chunk, global_state, server_round, run_id)):
             replies[i] = reply
         if progress:
             progress(len(replies))
     return [replies[i] for i in range(len(devices))]
 
 
-def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], server_round: int) -> list[Reply]:
+def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], server_round: int,
+                 run_id: str) -> list[Reply]:
     cfg, content = devices[0].cfg, devices[0].content
     template = build_model(content, devices[0].n_catalogue, cfg)
     plans = [_plan(d, template, server_round) for d in devices]
@@ -145,7 +146,7 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
     for i, plan in enumerate(plans):
         private = {n: weights[n][i].clone() for n in private_names}
         plan.device.state.save_private({**private, "history": plan.history},
-                                       plan.device.release_metadata(server_round))
+                                       plan.device.release_metadata(server_round, run_id))
         delta = {n: (weights[n][i] if n in names else v) - v for n, v in global_state.items()}
         loss_value = float(losses[i] / seen[i]) if seen[i] else 0.0
         replies.append(plan.device.reply(delta, {**evaluations[i], "train-loss": loss_value}))

@@ -2,7 +2,8 @@
 
 A private SuperLink (simulation mode, loopback, free ports, its own FLWR_HOME) is started as our child
 in its own process group, the app is submitted with `flwr run <repo> avrec --stream`, and when the run
-ends (or fails, or is interrupted) the whole group is stopped by process id: nothing is left running.
+ends (or fails, or is interrupted) the whole group is stopped by process id: nothing is left running. Both
+run under the reaper (shared/reaper.py), so even a kill -9 of this process leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from shared.processes import TreeMemory, descendants, flower_bin, flower_env, free_port, stop_group, wait_for_port
+from shared.errors import UserError
+from shared.processes import TreeMemory, descendants, flower_bin, flower_env, free_port, reaped, stop_group, wait_for_port
 
 __all__ = ["EngineError", "TreeMemory", "descendants", "run_app", "toml_value"]
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """The Flower engine failed; the message names the log to read."""
 
 
@@ -52,12 +54,13 @@ def run_app(
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
     env = flower_env(home)
     log_path = workdir / "superlink.log"
+    # Both children run under the reaper: killing us (kill -9 included) stops everything they started.
     superlink = subprocess.Popen(
-        [
+        reaped([
             flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(http_port),
             "--disable-runtime-dependency-installation", "--log-file", str(log_path),
-        ],
+        ]),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     previous = signal.getsignal(signal.SIGTERM)
@@ -71,9 +74,9 @@ def run_app(
             raise EngineError(str(exc)) from exc
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
         result = subprocess.run(
-            [flower_bin("flwr"), "run", str(app_dir), "avrec", "--run-config", str(overrides),
-             "--federation-config", federation, "--stream"],
-            env=env, cwd=app_dir,
+            reaped([flower_bin("flwr"), "run", str(app_dir), "avrec", "--run-config", str(overrides),
+                    "--federation-config", federation, "--stream"]),
+            env=env, cwd=app_dir, start_new_session=True,
         )
         if result.returncode != 0:
             raise EngineError(f"`flwr run` exited with {result.returncode}; SuperLink log: {log_path}")

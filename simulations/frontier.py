@@ -111,7 +111,7 @@ def frontier(base: RunConfig, out: Path, epsilons=EPSILONS, settings=tuple(SETTI
     dataset_dir = resolve_dataset(base)
     base = base.replace(dataset=str(dataset_dir))
     dataset = load_dataset(dataset_dir)
-    users = leave_one_out(dataset, base.seed, base.eval_negatives).users
+    users = leave_one_out(dataset, base.seed, base.eval_negatives, drop_short_users=base.drop_short_users).users
     users = users[: base.max_users] if base.max_users else users
     n_items, dims = catalogue_shapes(dataset_dir, base.modality_list, EncoderSettings.from_config(base))
     report: dict[str, Any] = {"clients": len(users), "items": n_items, "rounds": base.num_rounds, "engine": engine,

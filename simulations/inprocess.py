@@ -69,14 +69,15 @@ class InProcessGrid:
         started = time.perf_counter()
         devices = [simulated_device(cfg, m.metadata.dst_node_id - 1) for m in messages]
         global_state = messages[0].content["arrays"].to_torch_state_dict()
-        server_round = int(messages[0].content["config"]["server-round"])
+        config = messages[0].content["config"]
+        server_round, run_id = int(config["server-round"]), str(config.get("run-id", ""))
         if vectorised(cfg):
             done = (lambda n: self.progress(n, len(devices), time.perf_counter() - started)) if self.progress else None
-            replies = train_cohort(devices, global_state, server_round, done)
+            replies = train_cohort(devices, global_state, server_round, done, run_id)
         else:
             replies = []
             for done, device in enumerate(devices, 1):
-                replies.append(device.train_round(global_state, server_round))
+                replies.append(device.train_round(global_state, server_round, run_id))
                 if self.progress:
                     self.progress(done, len(devices), time.perf_counter() - started)
         # Encoding noise shares (trust-model secure) is numpy work that releases the GIL: one thread per core.

@@ -61,7 +61,7 @@ def format_rows(rows: dict[str, dict]) -> str:
 
 def table_for_seed(cfg: RunConfig, epochs: int, log=print) -> dict[str, dict]:
     dataset = load_dataset(resolve_dataset(cfg))
-    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
+    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
     rows: dict[str, dict] = {"popularity": baselines.popularity(split.users, dataset.n_items)}
     for name, modalities in VARIANTS.items():
         run_cfg = cfg.replace(modalities=",".join(modalities) or "none")

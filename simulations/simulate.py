@@ -20,7 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from server.checkpoint import refuse_existing
+from server.records import RunFailed
 from shared.config import ConfigError, RunConfig
+from shared.errors import read_json
 from shared.data.dataset import load_dataset
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
@@ -29,7 +32,7 @@ from shared.metrics import METRICS, PROTOCOLS
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.participation import user_epsilon
 from simulations import baselines
-from simulations.engine import TreeMemory, run_app
+from simulations.engine import EngineError, TreeMemory, run_app
 from simulations.inprocess import run_inprocess
 from simulations.served_lists import served_lists, table_lines
 
@@ -84,6 +87,10 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         temp = tempfile.mkdtemp(prefix="avrec-run-")
         cfg = cfg.replace(out=temp)
     out = Path(cfg.out).resolve()
+    if engine == "inprocess":  # the setting its server runs with (simulations/inprocess.py), recorded as such
+        cfg = cfg.replace(messages_in_flight=0)
+    if not cfg.resume:
+        refuse_existing(out)  # before anything is written: another run's records are never overwritten
     out.mkdir(parents=True, exist_ok=True)
     dataset_dir = resolve_dataset(cfg)
     cfg = cfg.replace(
@@ -92,8 +99,14 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         state_dir=str(Path(cfg.state_dir).resolve() if cfg.state_dir else out / "devices"),
     )
     dataset = load_dataset(dataset_dir)
-    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
+    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
+    if split.dropped_users:
+        log(f"avrec: drop-short-users: {split.dropped_users} user(s) with fewer than 3 interactions left out")
+    if len(users) < cfg.min_clients:  # the server would wait for clients that never come
+        raise ConfigError(f"{dataset_dir}: {len(users)} client(s) (one per user with at least 3 interactions"
+                          f"{', max-users = ' + str(cfg.max_users) if cfg.max_users else ''}), fewer than min-clients "
+                          f"= {cfg.min_clients}; lower min-clients or use a dataset with more users")
     content = item_content(dataset, cfg.modality_list, cfg.cache_dir or None, EncoderSettings.from_config(cfg))
     for line in media_failure_lines(content.failures):
         log(f"avrec: media that could not be decoded: {line}")
@@ -105,12 +118,8 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
     )
     with TreeMemory() as memory:
         fed_started = time.perf_counter()
-        if engine == "inprocess":
-            run_inprocess(cfg, len(users), str(dataset_dir), progress_line() if sys.stdout.isatty() else None)
-        else:
-            run_app(cfg.to_flat(), len(users), out / "engine")
+        federated = federate(cfg, len(users), out, engine, dataset_dir)
         fed_seconds = time.perf_counter() - fed_started
-        federated = json.loads((out / "federated.json").read_text())
         systems = {"avrec (federated)": federated}
         if with_baselines:
             log("avrec: baselines (popularity; the same towers trained centrally without DP)")
@@ -132,6 +141,8 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
                                  "unit": "all data of one user", "trust_model": cfg.trust_model,
                                  "neighbouring": ledger.entries[0].neighbouring if ledger.entries else None,
                                  "accountant": report.accountant}
+    # A run stopped before its first round (a spent budget) has no model to serve
+    served = served_lists(out, cfg, dataset, users) if (out / "global_model.safetensors").exists() else None
     summary = {
         "dataset": str(dataset_dir),
         "clients": len(users),
@@ -145,7 +156,7 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         "privacy": privacy,
         "modality_weights": weights,
         "media_failures": content.failures,
-        "served_lists": served_lists(out, cfg, dataset, users),
+        **({"served_lists": served} if served is not None else {}),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "federation_seconds": round(fed_seconds, 1),
         "peak_memory_bytes": memory.peak,
@@ -168,6 +179,28 @@ def progress_line():
         end = "\n" if done == asked else ""
         print(f"\r  devices {done}/{asked}  {seconds:6.1f} s elapsed  ~{left:5.1f} s left", end=end, flush=True)
     return show
+
+
+def federate(cfg: RunConfig, clients: int, out: Path, engine: str, dataset_dir: Path) -> dict[str, Any]:
+    """Run the app on the engine and return federated.json; RunFailed (non-zero exit) when the server found
+    that the run trained nothing usable, with its reasons counted."""
+    if engine == "inprocess":  # the server's RunFailed propagates as it is
+        run_inprocess(cfg, clients, str(dataset_dir), progress_line() if sys.stdout.isatty() else None)
+    else:
+        try:
+            run_app(cfg.to_flat(), clients, out / "engine")
+        except EngineError:
+            failed = (out / "federated.json").exists() and read_json(out / "federated.json").get("failure")
+            if failed:
+                raise RunFailed(f"{out}: {failed}") from None
+            raise
+    if not (out / "federated.json").exists():  # `flwr run --stream` exits 0 even when the ServerApp raised
+        raise EngineError(f"the federated run ended without writing {out / 'federated.json'}: the ServerApp failed "
+                          f"(its traceback is in the log above; SuperLink log: {out / 'engine' / 'superlink.log'})")
+    federated = read_json(out / "federated.json")
+    if federated.get("failure"):
+        raise RunFailed(f"{out}: {federated['failure']}")
+    return federated
 
 
 def learned_modality_weights(model_file: Path, names: list[str]) -> dict[str, float]:
@@ -202,15 +235,19 @@ def format_table(summary: dict[str, Any]) -> str:
     head = f"{'system':<20}" + "".join(f"{p + ' ' + m:>20}" for p, m in cols)
     lines = ["", head, "-" * len(head)]
     for name, table in summary["systems"].items():
-        lines.append(f"{name:<20}" + "".join(f"{table.get(p, {}).get(m, float('nan')):>20.4f}" for p, m in cols))
+        cells = (table.get(p, {}).get(m) for p, m in cols)
+        lines.append(f"{name:<20}" + "".join(f"{'-':>20}" if v is None else f"{v:>20.4f}" for v in cells))
     if "served_lists" in summary:
         lines += table_lines(summary["served_lists"])
     fed = summary["federated"]
     lines.append("")
-    lines.append(
-        f"federated: test at best validation round {fed['best_round']} of {fed['rounds_run']}; "
-        f"{fed['seconds_per_round']:.1f} s per round over {summary['clients']} clients"
-    )
+    if fed["best_round"] is None:
+        lines.append(f"federated: no round evaluated ({fed['rounds_run']} run)")
+    else:
+        lines.append(f"federated: test at best validation round {fed['best_round']} of {fed['rounds_run']}; "
+                     f"{fed['seconds_per_round']:.1f} s per round over {summary['clients']} clients")
+    if fed.get("stop_reason"):  # a designed end (a spent budget, the cap on rounds per client)
+        lines.append(f"federated: stopped early, as designed: {fed['stop_reason']}")
     for system, weights in summary.get("modality_weights", {}).items():
         if weights:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in weights.items())

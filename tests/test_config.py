@@ -30,5 +30,5 @@ def test_strings_are_coerced_and_bad_values_named():
         from_flat({"dp": "sometimes"})
     with pytest.raises(ConfigError, match="noise-multiplier"):
         from_flat({"dp": "record", "noise-multiplier": 0.0})
-    with pytest.raises(ConfigError, match="expected a int"):
+    with pytest.raises(ConfigError, match="expected an integer"):
         from_flat({"num-rounds": "many"})

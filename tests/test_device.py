@@ -59,6 +59,21 @@ def test_ledger_continues_across_runs_and_history_is_charged_once(world):
     assert [e.round for e in again.state.ledger.entries] == [1, 1, 2]
 
 
+def test_a_later_run_starts_at_round_1_on_a_device_whose_ledger_holds_earlier_rounds(world):
+    # Device state persists across runs by design: a new run (a new run id) counts its rounds afresh, while the
+    # ledger, and so the budget, spans both. With history-refresh-rounds > 0 a new run starts with a release.
+    device, global_state = make(world, "g", history_refresh_rounds=3)
+    for r in (1, 2):
+        device.train_round(global_state, r, run_id="first")
+    later, _ = make(world, "g", history_refresh_rounds=3)
+    reply = later.train_round(global_state, 1, run_id="second")
+    assert reply.delta is not None
+    entries = later.state.ledger.entries
+    assert [(e.round, e.details["run"], e.mechanism) for e in entries] == [
+        (1, "first", "gaussian-history-release"), (1, "first", "dp-sgd"), (2, "first", "dp-sgd"),
+        (1, "second", "gaussian-history-release"), (1, "second", "dp-sgd")]
+
+
 def test_a_device_declines_a_round_over_its_budget_and_records_nothing(world):
     device, global_state = make(world, "c", epsilon_budget=0.5)
     reply = device.train_round(global_state, 1)

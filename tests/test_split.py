@@ -59,7 +59,7 @@ def test_negatives_exclude_interacted_and_are_unique(tmp_path: Path) -> None:
             assert not set(neg.tolist()) & seen
             assert neg.min() >= 0 and neg.max() < N_ITEMS
     assert set(a.val_negatives.tolist()) == set(range(N_ITEMS)) - seen_a
-    with pytest.raises(DatasetError, match=r"user_id 'a'.*n_negatives = 25"):
+    with pytest.raises(DatasetError, match=r"user_id 'a'.*eval-negatives = 25"):
         leave_one_out(ds, seed=3, n_negatives=n_neg + 1)
 
 
@@ -105,7 +105,7 @@ def test_short_users_raise_or_are_dropped(tmp_path: Path) -> None:
         leave_one_out(ds, seed=0, n_negatives=3)
     msg = str(info.value)
     assert "2 user(s)" in msg and "'s1' (2)" in msg and "'s2' (1)" in msg
-    assert "drop_short_users=True" in msg
+    assert "--set drop-short-users=true" in msg  # a fix reachable from the CLI
     split = leave_one_out(ds, seed=0, n_negatives=3, drop_short_users=True)
     assert split.dropped_users == 2
     assert [ds.user_ids[u.user] for u in split.users] == ["a", "b"]

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.errors import UserError
+
 __all__ = [
     "DatasetError",
     "Dataset",
@@ -57,9 +59,12 @@ _NUMERIC_TS_RE = r"[+-]?\d+(?:\.\d*)?"
 # Unix seconds beyond this (year ~5138) are rejected as implausible / overflow-prone.
 _MAX_ABS_UNIX_SECONDS = 10**11
 _MAX_LISTED = 5
+# The longest cell accepted (characters). The text encoder reads at most 256 tokens (about 1,000 characters)
+# of an item's text; a 27 MB title once took 4.9 GiB to tokenise. Documented in the README's dataset format.
+MAX_CELL_CHARS = 20_000
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is missing or malformed.
 
     The message names the file, the line (1-based, header = line 1) or column, the
@@ -192,6 +197,25 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> tuple[pd.Data
         if blank.any():
             df = df.loc[~blank].reset_index(drop=True)
             positions = positions[~blank]
+    if df.empty:
+        raise DatasetError(
+            f"{path}: no data lines after the header; expected at least one {what} line. Likely cause: an "
+            f"export that wrote only the header, or the wrong file.",
+            file=path,
+            line=2,
+        )
+    for col in df.columns:
+        long = np.flatnonzero((df[col].str.len() > MAX_CELL_CHARS).to_numpy())
+        if len(long):
+            line = _line_numbers(path, positions[long[:1]])[0]
+            raise DatasetError(
+                f"{path}: line {line}: column {col} holds {len(df[col].iloc[long[0]]):,} characters; expected at "
+                f"most {MAX_CELL_CHARS:,} per cell (the text encoder reads about the first 1,000). Likely cause: "
+                f"an unclosed quote that swallowed the rest of the file, or a whole document pasted into one cell.",
+                file=path,
+                line=line,
+                column=col,
+            )
     return df, positions
 
 
@@ -438,6 +462,12 @@ def _load_items(root: Path) -> tuple[pd.DataFrame, np.ndarray]:
             column="item_id",
         )
     return items.reset_index(drop=True), positions
+
+
+def load_items(root: str | Path) -> pd.DataFrame:
+    """The catalogue alone (items.csv), checked and read exactly as `load_dataset` reads it, so that a server
+    that sees only the catalogue counts the same items as its devices (a stray blank row once split them)."""
+    return _load_items(Path(root))[0]
 
 
 def _check_media(root: Path, items: pd.DataFrame, positions: np.ndarray, report: dict[str, int]) -> dict[str, list[Path | None]]:

@@ -102,7 +102,7 @@ def leave_one_out(
             f"{dataset.root / 'interactions.csv'}: {len(short)} user(s) have fewer than "
             f"min_train + 2 = {needed} interactions (user_id (count): {listed}{more}); expected "
             f"at least {needed} per user for a train/val/test split. Likely cause: a sparse "
-            f"dataset; pass drop_short_users=True to leave them out, or lower min_train.",
+            f"dataset; set drop-short-users = true (avrec simulate --set drop-short-users=true) to leave them out.",
             file=dataset.root / "interactions.csv",
         )
 
@@ -120,8 +120,9 @@ def leave_one_out(
             raise DatasetError(
                 f"{dataset.root / 'interactions.csv'}: user_id {dataset.user_ids[u]!r} interacted "
                 f"with {n_items - len(candidates)} of {n_items} items, leaving {len(candidates)} "
-                f"non-interacted items; expected at least n_negatives = {n_negatives}. Likely "
-                f"cause: too few items in the catalogue for this many negatives; lower n_negatives.",
+                f"non-interacted items; expected at least eval-negatives = {n_negatives}. Likely "
+                f"cause: too few items in the catalogue for this many negatives; lower eval-negatives "
+                f"(--set eval-negatives=N).",
                 file=dataset.root / "interactions.csv",
             )
         val_neg, test_neg = _draw(seed, u, candidates, n_negatives)

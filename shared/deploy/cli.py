@@ -1,8 +1,8 @@
 """`avrec deploy ...`: credentials, per-device data, and the secured Flower processes of a deployment.
 
-certs, node-key and partition write files; superlink, supernode, register and run replace this process
-with the Flower command built from the deployment settings (shared/deploy/commands.py), after printing
-it (no secret is ever printed: key files are named by path only).
+certs, node-key and partition write files; superlink, register and run replace this process with the Flower
+command built from the deployment settings (shared/deploy/commands.py), after printing it (no secret is ever
+printed: key files are named by path only); supernode runs it as a child and explains how it ended.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,12 +80,21 @@ def _register(args: argparse.Namespace) -> int:
 
 def _supernode(args: argparse.Namespace) -> int:
     from shared.deploy.commands import supernode_command
+    from shared.processes import flower_env, reaped
 
     s = _settings(args)
     command = supernode_command(s, args.data_dir, args.key, args.runtime_port, args.state_dir, args.ca_cert)
     # A SuperNode keeps the apps it installs in FLWR_HOME: one per device.
     home = (args.data_dir or s.supernode.data_dir or Path(".")) / "flwr-home"
-    return _exec(command, home)
+    print("+ " + shlex.join(command), file=sys.stderr, flush=True)
+    # A child (not exec) so that its end can be explained; under the reaper, it dies with this process.
+    code = subprocess.run(reaped(command), env=flower_env(home)).returncode
+    if code:
+        print(f"avrec: error: the SuperNode stopped with exit status {code}. If it could not reach its SuperLink at "
+              f"{s.address}, it gave up after connect-timeout = {s.supernode.connect_timeout:g} s ([supernode] in "
+              f"{s.source or 'the settings'}): check that the SuperLink runs and that this address and port are "
+              "reachable from this device.", file=sys.stderr)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -77,6 +77,7 @@ def supernode_command(
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key),
         "--port", str(runtime_port or sn.runtime_port),  # local Runtime API: one port per SuperNode
+        "--max-wait-time", str(sn.connect_timeout),  # give up on an unreachable SuperLink instead of waiting forever
         "--node-config", node_config(data_dir, state_dir or sn.state_dir, sn.cache_dir, extra_node_config),
     ]
 

@@ -17,7 +17,7 @@ from shared.data.resolve import BUILTIN
 TABLES = {
     "federation": {"name", "address", "flwr-home"},
     "superlink": {"host", "port", "names", "ca-cert", "certificate", "private-key", "database", "log-file"},
-    "supernode": {"data-dir", "state-dir", "cache-dir", "private-key", "ca-cert", "runtime-port"},
+    "supernode": {"data-dir", "state-dir", "cache-dir", "private-key", "ca-cert", "runtime-port", "connect-timeout"},
     "run": None,  # RunConfig keys, checked by shared.config
 }
 
@@ -42,6 +42,7 @@ class SuperNodeSettings:
     private_key: Path | None
     ca_cert: Path | None  # the CA that signed the SuperLink certificate (a copy on the device)
     runtime_port: int  # the SuperNode's local Runtime API port (one per SuperNode on a machine)
+    connect_timeout: float = 120.0  # seconds a SuperNode keeps trying to reach its SuperLink before giving up
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def load_deploy_settings(path: str | Path | None = None, table: dict[str, Any] |
         value = table.get(tbl, {}).get(key, default)
         if value is ...:
             raise ConfigError(f"{_where(source, tbl, key)} is missing")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if value is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise ConfigError(f"{_where(source, tbl, key)} = {value!r}: expected a {kind.__name__}")
         return value
@@ -100,6 +103,10 @@ def load_deploy_settings(path: str | Path | None = None, table: dict[str, Any] |
     for tbl, key, value in (("superlink", "port", port), ("supernode", "runtime-port", runtime_port)):
         if not 0 < value < 65536:
             raise ConfigError(f"{_where(source, tbl, key)} = {value}: expected a TCP port 1-65535")
+    connect_timeout = get("supernode", "connect-timeout", float, 120.0)
+    if not 0 < connect_timeout < float("inf"):
+        raise ConfigError(f"{_where(source, 'supernode', 'connect-timeout')} = {connect_timeout}: expected a number of "
+                          "seconds > 0 (a SuperNode that cannot reach its SuperLink gives up after it)")
     names = get("superlink", "names", list, ["localhost", "127.0.0.1"])
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{_where(source, 'superlink', 'names')} = {names!r}: expected a list of host names or IP addresses")
@@ -124,6 +131,7 @@ def load_deploy_settings(path: str | Path | None = None, table: dict[str, Any] |
         private_key=path_of("supernode", "private-key", ""),
         ca_cert=path_of("supernode", "ca-cert", "") or superlink.ca_cert,
         runtime_port=runtime_port,
+        connect_timeout=connect_timeout,
     )
     overrides = dict(table.get("run", {}))
     for key in ("dataset", "out", "state-dir", "cache-dir", "data-root"):

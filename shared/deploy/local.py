@@ -18,7 +18,7 @@ from shared.deploy.commands import (
     write_run_config,
 )
 from shared.deploy.config import DeploySettings
-from shared.processes import flower_env, free_port, port_in_use, stop_group, wait_for_port
+from shared.processes import flower_env, free_port, port_in_use, reaped, stop_group, wait_for_port
 
 
 class LocalFederation:
@@ -35,7 +35,9 @@ class LocalFederation:
 
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         with open(self.log(name), "wb") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # Under the reaper: a test or script killed mid-way leaves no SuperLink or SuperNode behind.
+            process = subprocess.Popen(reaped(command), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
         self.processes[name] = process
         return process
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from shared.config import ConfigError
 from shared.data.dataset import load_dataset
 
 
@@ -42,7 +43,7 @@ def partition(
     starting at the `first_user`-th). Media files referenced by items.csv are not copied: point a
     deployment at a dataset whose media sit with each device, or use precomputed features/."""
     if devices < 1 or users_per_device < 1 or first_user < 0:
-        raise ValueError(
+        raise ConfigError(
             f"devices = {devices}, users-per-device = {users_per_device}, first-user = {first_user}: "
             "expected positive counts and a non-negative first user"
         )
@@ -50,7 +51,7 @@ def partition(
     dataset = load_dataset(source)  # validates the source before anything is written
     needed = first_user + devices * users_per_device
     if needed > dataset.n_users:
-        raise ValueError(
+        raise ConfigError(
             f"{devices} devices x {users_per_device} users from user {first_user} need {needed} users; "
             f"{source} has {dataset.n_users}"
         )

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from shared.errors import UserError
 
-class MissingWeightsError(RuntimeError):
+
+class MissingWeightsError(UserError, RuntimeError):
     """A pretrained encoder's weights are not installed on this device."""
 
 

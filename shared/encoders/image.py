@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from shared.config import ConfigError
 from shared.encoders.cache import file_digest
 from shared.encoders.errors import MediaError, MissingWeightsError
 
@@ -101,7 +102,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE):
     import timm
 
     if name not in BACKBONES:
-        raise ValueError(f"unknown image backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}")
+        raise ConfigError(f"image-backbone = {name!r}: unknown; registered: {', '.join(sorted(BACKBONES))}")
     spec = BACKBONES[name]
     model = timm.create_model(spec.architecture, pretrained=False)
     state = _read_state_dict(spec.weights())

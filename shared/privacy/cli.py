@@ -44,6 +44,11 @@ def _report(args: argparse.Namespace) -> int:
     paths = write_report(args.run_dir, args.out, args.server_key, args.devices)
     for path in paths:
         print(f"wrote {path}")
+    problems = json.loads(paths[1].read_text())["verification"]["problems"]
+    if problems:  # the report is written either way; a run that fails verification never reports success
+        print(f"avrec: error: {args.run_dir}: verification FAILED with {len(problems)} problem(s), e.g. {problems[0]}; "
+              f"see {paths[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

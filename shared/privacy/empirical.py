@@ -99,6 +99,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from shared.errors import RunFileError, read_json
+
 from .accounting import SampledGaussian, epsilon_checked
 
 CONFIDENCE = 0.05
@@ -839,12 +841,13 @@ def load_run_config(run_dir: Path):
     for name in ("federated.json", "summary.json"):
         path = run_dir / name
         if path.exists():
-            doc = json.loads(path.read_text())
+            doc = read_json(path)
             if "config" in doc:
                 fed = doc if name == "federated.json" else doc.get("federated", {})
                 rounds = int(fed.get("rounds_run") or doc["config"].get("num-rounds") or 0)
                 return from_flat(doc["config"]), rounds, name
-    raise FileNotFoundError(f"{run_dir}: neither federated.json nor summary.json holds the run's config")
+    raise RunFileError(f"{run_dir}: neither federated.json nor summary.json holds the run's config (not a run "
+                       "directory, or the run never finished a round)")
 
 
 def _run_population(cfg, random_content: bool, generator: torch.Generator, log):
@@ -870,7 +873,7 @@ def _run_population(cfg, random_content: bool, generator: torch.Generator, log):
         dataset = load_dataset(dataset_dir)
         n_items, dims = catalogue_shapes(dataset_dir, cfg.modality_list, settings)
         content = random_unit_content(n_items, dims, generator)
-    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives)
+    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
     log(f"avrec audit: {len(users)} users, {dataset.n_items} items, content "
         f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in content.features.items())} ({note}, "

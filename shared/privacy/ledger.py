@@ -316,9 +316,12 @@ class PrivacyLedger:
         if d["level"] != self.level:
             raise LedgerError(f"{self.path}: entry level {d['level']!r} but this ledger is level {self.level!r}")
         if self.entries:
-            last = self.entries[-1]
-            if d["round"] < last.round:
-                raise LedgerError(f"{self.path}: round {d['round']} is before the last recorded round {last.round}")
+            # Rounds are ordered within a run (details.run); a later run, on a device that persists, counts afresh.
+            run = d["details"].get("run", "")
+            last = next((e for e in reversed(self.entries) if e.details.get("run", "") == run), None)
+            if last is not None and d["round"] < last.round:
+                raise LedgerError(f"{self.path}: round {d['round']} is before the last recorded round {last.round}"
+                                  + (f" of run {run}" if run else ""))
             if d["neighbouring"] != self.entries[0].neighbouring:
                 raise LedgerError(
                     f"{self.path}: neighbouring {d['neighbouring']!r} differs from the ledger's "

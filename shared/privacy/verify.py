@@ -121,8 +121,8 @@ def _load_json(v: Verification, name: str) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        v.fail(path, f"not valid JSON ({exc})")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        v.fail(path, f"not valid JSON ({exc}; truncated or edited?)")
         return None
 
 
@@ -329,11 +329,17 @@ def _check_amplification_source(v: Verification, path: Path, entries: Sequence[L
 
 def _check_history_schedule(v: Verification, path: Path, entries: Sequence[LedgerEntry]) -> None:
     """A device that trains releases its history summary in its first round, then again exactly when
-    history-refresh-rounds (> 0) rounds have passed since its last release: a data-independent schedule."""
+    history-refresh-rounds (> 0) rounds of a run have passed since its last release, or in its first round of
+    a later run (details.run; rounds count afresh per run): a data-independent schedule."""
     refresh = v.config.get("history-refresh-rounds") or 0
     source = f"history-refresh-rounds = {refresh} in the configuration, {v.config_source}"
     last: int | None = None
+    last_run = ""
     for i, e in enumerate(entries, start=1):
+        run = e.details.get("run", "")
+        if refresh > 0 and last is not None and run != last_run:
+            last = None  # a new run: its first round releases
+        last_run = run
         due = last is None or (refresh > 0 and e.round - last >= refresh)
         if e.mechanism == HISTORY_RELEASE:
             if not due:
@@ -553,9 +559,11 @@ def _check_record_rounds(v: Verification, rounds: Sequence[dict]) -> None:
     device ledgers record a dp-sgd entry for the round (a device may hold several users, one ledger each)."""
     if v.config.get("dp") not in DP_MODES_OF_LEVEL["record"] or v.invalid - {SERVER_LEDGER}:
         return
+    run = v.manifest.get("run_id")  # device ledgers may hold earlier runs too: count this run's entries
     for row in rounds:
         n = row.get("clients_aggregated") or 0
-        trained = sum(any(e.round == row["round"] and e.mechanism == DP_SGD for e in es) for es in v.devices.values())
+        trained = sum(any(e.round == row["round"] and e.mechanism == DP_SGD and (run is None or e.details.get("run", "") == run)
+                          for e in es) for es in v.devices.values())
         if trained < n:
             v.fail("rounds.jsonl", f"round {row['round']}: {n} clients aggregated under record-level DP (dp = "
                                    f"{v.config.get('dp')} in {v.config_source}), but only {trained} device ledgers "
@@ -670,7 +678,7 @@ def verify_run(run_dir: str | Path, server_key: str | None = None, devices: str 
         v.fail(v.run_dir, "not a directory")
         return v
     federated = _load_json(v, "federated.json")
-    summary = json.loads((v.run_dir / "summary.json").read_text()) if (v.run_dir / "summary.json").exists() else None
+    summary = _load_json(v, "summary.json") if (v.run_dir / "summary.json").exists() else None
     if summary is None:
         v.warnings.append("summary.json missing (the run was not driven by `avrec simulate`): only the ledgers "
                           "and federated.json are compared")
