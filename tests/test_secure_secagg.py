@@ -149,7 +149,7 @@ class FixedDevice:
     def __init__(self, cfg: RunConfig, delta: dict[str, torch.Tensor]) -> None:
         self.cfg, self.delta = cfg, delta
 
-    def train_round(self, global_state, server_round):
+    def train_round(self, global_state, server_round, run_id=""):
         return Reply({k: v.clone() for k, v in self.delta.items()}, {"declined": 0.0})
 
     def ledger_heads(self) -> list[dict]:

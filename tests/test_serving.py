@@ -117,10 +117,12 @@ def test_simulate_judges_served_lists_and_compare_pairs_users(run, tmp_path, cap
     # A run against itself: every difference 0, no verdict. Against a copy where every user gains a hit: B higher.
     assert main(["compare", str(run), str(run)]) == 0
     assert capsys.readouterr().out.count("no clear difference") == 4
-    better = tmp_path / "b"
-    better.mkdir()
-    (better / "per-user.jsonl").write_text("".join(json.dumps({**r, "hr@10": 1.0}) + "\n" for r in rows))
-    assert main(["compare", str(run), str(better), "--json", str(tmp_path / "c.json")]) == 0
+    # (the run's own hits depend on its DP noise: A is a copy where every user misses, so each pair differs by 1)
+    worse, better = tmp_path / "a", tmp_path / "b"
+    for folder, hit in ((worse, 0.0), (better, 1.0)):
+        folder.mkdir()
+        (folder / "per-user.jsonl").write_text("".join(json.dumps({**r, "hr@10": hit}) + "\n" for r in rows))
+    assert main(["compare", str(worse), str(better), "--json", str(tmp_path / "c.json")]) == 0
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["hr@10"]["verdict"] == "B higher" and result["hr@10"]["users"] == 3
     assert result["ild@10"]["verdict"] == "no clear difference"
