@@ -138,11 +138,7 @@ def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             pass
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        signal_all(pids, sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.2)
@@ -153,6 +149,15 @@ def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
                 pass
         if not any(alive(p) for p in pids):
             return
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    """Send `sig` to each process that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def alive(pid: int) -> bool:

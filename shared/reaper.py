@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from shared.processes import alive, descendants
+from shared.processes import alive, descendants, signal_all
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -42,11 +42,7 @@ def stop_tree(grace: float = 5.0) -> None:
     """SIGTERM every descendant, wait up to `grace` seconds, SIGKILL the rest, and reap them."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = descendants(os.getpid())
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        signal_all(pids, sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(alive(p) for p in pids):
             _reap()
