@@ -152,7 +152,7 @@ def _save(report: dict, out: Path) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Test {report['metric']} on {report['clients']} clients, {report['rounds']} rounds "
+    lines = [f"{report['metric']} on {report['clients']} clients, {report['rounds']} rounds "
              f"({report['engine']} engine). Epsilon: from each run's own ledger.", "",
              "| setting | target epsilon | epsilon (ledger) | HR@10 | NDCG@10 | noise multiplier | rounds |",
              "|---|---|---|---|---|---|---|"]
