@@ -150,7 +150,10 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
         delta = {n: (weights[n][i] if n in names else v) - v for n, v in global_state.items()}
         loss_value = float(losses[i] / seen[i]) if seen[i] else 0.0
         replies.append(plan.device.reply(delta, {**evaluations[i], "train-loss": loss_value}))
-    return [replies[order.index(i)] for i in range(len(plans))]
+    unsorted: list[Reply] = [None] * len(plans)  # type: ignore[list-item]
+    for position, original in enumerate(order):
+        unsorted[original] = replies[position]
+    return unsorted
 
 
 @torch.no_grad()

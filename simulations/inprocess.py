@@ -82,10 +82,7 @@ class InProcessGrid:
                     self.progress(done, len(devices), time.perf_counter() - started)
         # Encoding noise shares (trust-model secure) is numpy work that releases the GIL: one thread per core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            out = list(pool.map(lambda a: reply_message(*a, cfg, global_state), zip(messages, replies, devices)))
-        if self.progress:
-            self.progress(len(devices), len(devices), time.perf_counter() - started)
-        return out
+            return list(pool.map(lambda a: reply_message(*a, cfg, global_state), zip(messages, replies, devices)))
 
 
 def run_inprocess(cfg: RunConfig, clients: int, dataset_dir: str, progress: Progress | None = None,
