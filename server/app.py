@@ -5,6 +5,7 @@ manifest."""
 from __future__ import annotations
 
 import time
+from typing import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -163,13 +164,20 @@ def schedule_allows(cfg: RunConfig, rounds_so_far: int, last: int | None, server
     return last is None or server_round - last >= cfg.min_round_separation
 
 
-def send_and_receive(grid: Grid, messages: list[Message], in_flight: int, poll_seconds: float = 0.05) -> list[Message]:
+def send_and_receive(grid: Grid, messages: list[Message], in_flight: int, poll_seconds: float = 0.05,
+                     progress: Callable[[int, int, float], None] | None = None,
+                     progress_seconds: float = 0.0) -> list[Message]:
     """The replies to `messages`, keeping at most `in_flight` (0 = all) of them sent and unanswered, and
     sending the next as each reply arrives. Like `Grid.send_and_receive`, it waits until every message has
-    a reply (Flower answers an unreachable node with an error reply)."""
+    a reply (Flower answers an unreachable node with an error reply). `progress(replies, asked, seconds)`
+    is called at most every `progress_seconds` while replies are outstanding."""
     in_flight = in_flight or len(messages)
     queue, waiting, replies = list(reversed(messages)), set(), []
+    started = shown = time.perf_counter()
     while queue or waiting:
+        if progress is not None and progress_seconds > 0 and time.perf_counter() - shown >= progress_seconds:
+            shown = time.perf_counter()
+            progress(len(replies), len(messages), shown - started)
         if queue and len(waiting) < in_flight:
             batch = [queue.pop() for _ in range(min(in_flight - len(waiting), len(queue)))]
             waiting.update(grid.push_messages(batch))
@@ -179,6 +187,14 @@ def send_and_receive(grid: Grid, messages: list[Message], in_flight: int, poll_s
         if not received:
             time.sleep(poll_seconds)
     return replies
+
+
+def round_progress(server_round: int) -> Callable[[int, int, float], None]:
+    """A log line on how far a round is: Flower streams the ServerApp's log to the user's terminal."""
+    def show(done: int, asked: int, seconds: float) -> None:
+        left = f"~{seconds / done * (asked - done):.0f} s left" if done else "no reply yet"
+        log(INFO, "avrec: round %d: %d/%d devices answered, %.0f s elapsed, %s", server_round, done, asked, seconds, left)
+    return show
 
 
 @app.main()
@@ -236,7 +252,8 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 break
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(round_config)})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
-        replies = send_and_receive(grid, messages, cfg.messages_in_flight)
+        replies = send_and_receive(grid, messages, cfg.messages_in_flight, progress=round_progress(server_round),
+                                   progress_seconds=cfg.progress_seconds)
 
         updates, shares, metric_rows, declined, failed = [], [], [], [], []
         for reply in replies:

@@ -32,8 +32,9 @@ from shared.privacy.ledger import PrivacyLedger
 CHECKPOINT = "checkpoint.safetensors"
 # Files whose presence means the directory holds a run (written by the server from round 1 on)
 RUN_RECORDS = (CHECKPOINT, "rounds.jsonl", "federated.json", "server-ledger.jsonl")
-# Settings a resumed run may change: how many rounds it runs in all, and that it resumes
-RESUMABLE_CHANGES = ("num-rounds", "resume")
+# Settings a resumed run may change: how many rounds it runs in all, that it resumes, and how often it
+# reports progress (a terminal or not)
+RESUMABLE_CHANGES = ("num-rounds", "resume", "progress-seconds")
 _MOMENTS = ("m", "v")
 
 

@@ -74,6 +74,9 @@ class RunConfig:
     # Measured on 2 cores, seconds per DP round: 66 with 64 in flight, 40 with 8, 47 with 4 (workers
     # starve). With more simulation workers, raise it to a few per worker.
     messages_in_flight: int = 8
+    # Log how many devices of a round have answered every this many seconds (0 = only at the round's end):
+    # `avrec simulate` sets it on a terminal, so a long round is not silent. Harness output, never sent.
+    progress_seconds: float = 0.0
 
     # Privacy
     dp: str = "user"  # none | record | user | both
@@ -185,7 +188,8 @@ class RunConfig:
         for name in ("delta", "user_delta"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected 0 < delta < 1")
-        for name in ("noise_multiplier", "clip_norm", "user_noise_multiplier", "user_clip_norm", "messages_in_flight"):
+        for name in ("noise_multiplier", "clip_norm", "user_noise_multiplier", "user_clip_norm", "messages_in_flight",
+                     "progress_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value >= 0")
         if self.max_rounds_per_client < 0 or self.min_round_separation < 1:

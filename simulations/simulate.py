@@ -187,6 +187,8 @@ def federate(cfg: RunConfig, clients: int, out: Path, engine: str, dataset_dir: 
     if engine == "inprocess":  # the server's RunFailed propagates as it is
         run_inprocess(cfg, clients, str(dataset_dir), progress_line() if sys.stdout.isatty() else None)
     else:
+        if sys.stdout.isatty() and not cfg.progress_seconds:  # a long round is not silent on a terminal
+            cfg = cfg.replace(progress_seconds=10.0)
         try:
             run_app(cfg.to_flat(), clients, out / "engine")
         except EngineError:

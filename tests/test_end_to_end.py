@@ -23,20 +23,30 @@ def run(tmp_path_factory):
         "dataset": str(data), "out": str(root / "run"), "cache-dir": str(root / "cache"),
         "num-rounds": 4, "eval-negatives": 49, "dp": "record", "server-learning-rate": 10.0,
         "messages-in-flight": 5,  # fewer than the 24 clients: the server refills its window as replies come
+        "progress-seconds": 0.01,  # a line on every poll that finds the round unfinished
     })
-    summary = simulate(cfg, log=lambda *_: None)
-    return root / "run", summary
+    # `flwr run --stream` writes the ServerApp's log to our file descriptor 1: keep it for the progress test.
+    stream = root / "stream.log"
+    saved = os.dup(1)
+    try:
+        with open(stream, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+            summary = simulate(cfg, log=lambda *_: None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return root / "run", summary, stream.read_text(errors="replace")
 
 
 def test_dp_federation_beats_popularity_on_planted_data(run):
-    _, summary = run
+    _, summary, _ = run
     fed = summary["systems"]["avrec (federated)"]["sampled-99"]["hr@10"]
     pop = summary["systems"]["popularity"]["sampled-99"]["hr@10"]
     assert fed > pop + 0.15, (fed, pop)
 
 
 def test_run_directory_holds_every_output(run):
-    out, summary = run
+    out, summary, _ = run
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["systems"].keys() == {"avrec (federated)", "popularity", "central, no DP"}
     for system in on_disk["systems"].values():
@@ -56,7 +66,7 @@ def test_run_directory_holds_every_output(run):
 
 
 def test_device_ledgers_record_every_round(run):
-    out, summary = run
+    out, summary, _ = run
     devices = sorted((out / "devices").iterdir())
     assert len(devices) == 24
     ledger = PrivacyLedger(devices[0] / "privacy-ledger.jsonl", level="record")
@@ -67,3 +77,10 @@ def test_device_ledgers_record_every_round(run):
 
 def test_no_process_outlives_the_run(run):
     assert descendants(os.getpid()) == []
+
+
+def test_rounds_report_progress_while_devices_answer(run):
+    *_, stream = run
+    lines = [line for line in stream.splitlines() if "devices answered" in line]
+    assert lines, stream[-2000:]
+    assert any("round 1: " in line and "/24 devices answered" in line for line in lines), lines[:5]
