@@ -34,23 +34,14 @@ class LocalCluster:
     address: str  # the head's GCS address, HOST:PORT: what `avrec simulate --ray-address` takes
     workdir: Path
     nodes: list[subprocess.Popen] = field(default_factory=list)
-
-    def node_ids(self, timeout: float = 60.0) -> list[str]:
-        """The ids of the cluster's live nodes, as Ray reports them (asked from a separate driver process)."""
-        script = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-                  "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.address)
-        done = subprocess.run(reaped([flower_bin("python"), "-c", script]), env=flower_env(), capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"could not list the nodes of the Ray cluster at {self.address}: {done.stderr[-500:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+    node_ids: list[str] = field(default_factory=list)  # as Ray lists its live nodes once all have joined
 
 
 @contextmanager
 def local_cluster(workdir: Path, cpus_per_node: list[int], object_store_mb: int = 256,
                   timeout: float = 120.0) -> Iterator[LocalCluster]:
-    """A head node and len(cpus_per_node) - 1 nodes joining it, each with that many CPUs; yields once every
-    node has joined. Every node is stopped on exit, however the block ends."""
+    """A head node and len(cpus_per_node) - 1 nodes joining it, each with that many CPUs; yields once Ray
+    lists every node alive. Every node is stopped on exit, however the block ends."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cluster = LocalCluster(f"127.0.0.1:{port}", workdir)
@@ -63,10 +54,16 @@ def local_cluster(workdir: Path, cpus_per_node: list[int], object_store_mb: int 
                        "--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory", str(object_store_mb << 20),
                        "--temp-dir", ray_temp, "--disable-usage-stats",
                        *(arg for name in NODE_PORTS for arg in (f"--{name}", str(free_port())))]
-            with open(workdir / f"node-{i}.log", "wb") as log:
-                cluster.nodes.append(subprocess.Popen(reaped(command), env=flower_env(), stdout=log,
-                                                      stderr=subprocess.STDOUT, start_new_session=True))
-            wait_for_nodes(cluster, i + 1, timeout)
+            log = workdir / f"node-{i}.log"
+            with open(log, "wb") as sink:
+                node = subprocess.Popen(reaped(command), env=flower_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            cluster.nodes.append(node)
+            wait_for_start(node, log, timeout)
+        cluster.node_ids = live_nodes(cluster.address, timeout)
+        if len(cluster.node_ids) != len(cpus_per_node):
+            raise RuntimeError(f"Ray lists {len(cluster.node_ids)} live node(s) at {cluster.address}, "
+                               f"{len(cpus_per_node)} were started; see {workdir}/node-*.log")
         yield cluster
     finally:
         for node in reversed(cluster.nodes):  # workers first, then the head
@@ -74,19 +71,23 @@ def local_cluster(workdir: Path, cpus_per_node: list[int], object_store_mb: int 
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
-def wait_for_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
-    """Until `count` nodes are alive in the cluster; RuntimeError naming the node's log otherwise."""
+def wait_for_start(node: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until `ray start` says its node runs (it then blocks); RuntimeError naming its log otherwise."""
     deadline = time.monotonic() + timeout
-    while True:
-        exited = [i for i, node in enumerate(cluster.nodes) if node.poll() is not None]
-        if exited:
-            raise RuntimeError(f"ray node {exited[0]} exited; see {cluster.workdir / f'node-{exited[0]}.log'}")
-        try:
-            if len(cluster.node_ids(timeout=min(30.0, max(1.0, deadline - time.monotonic())))) >= count:
-                return
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
+    while b"Ray runtime started" not in log.read_bytes():
+        if node.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {node.returncode}; see {log}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{count} ray node(s) did not join {cluster.address} within {timeout:.0f} s; "
-                               f"see {cluster.workdir}/node-*.log")
-        time.sleep(1.0)
+            raise RuntimeError(f"`ray start` did not start its node within {timeout:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
+def live_nodes(address: str, timeout: float) -> list[str]:
+    """The ids of the live nodes of the cluster at `address`, asked from a driver process of its own."""
+    script = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+              "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % address)
+    done = subprocess.run(reaped([flower_bin("python"), "-c", script]), env=flower_env(), capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not list the nodes of the Ray cluster at {address}: {done.stderr[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

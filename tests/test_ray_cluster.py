@@ -5,6 +5,8 @@ them. Both nodes are stopped by process id, whether the test passes or fails."""
 
 import json
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +27,32 @@ def data(tmp_path_factory):
                                  interactions_per_user=8, seed=0)
 
 
+def actors(cluster) -> list[int]:
+    """Flower's client actor processes (Ray titles them ray::ClientAppActor) under the cluster's nodes."""
+    pids = [p for node in cluster.nodes for p in descendants(node.pid)]
+    return [p for p in pids if alive(p) and b"ClientAppActor" in read_cmdline(p)]
+
+
+def read_cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_clients_run_on_both_nodes_of_a_two_node_ray_cluster(data, tmp_path):
     cfg = load_config(overrides={
         "dataset": str(data), "out": str(tmp_path / "run"), "cache-dir": str(tmp_path / "cache"),
         "num-rounds": 2, "eval-negatives": 9, "dp": "none", "modalities": "text",
     })
     with local_cluster(tmp_path / "cluster", cpus_per_node=[1, 1]) as cluster:
-        nodes = cluster.node_ids()
+        nodes = cluster.node_ids
         summary = simulate(cfg, log=lambda *_: None, with_baselines=False, ray_address=cluster.address)
+        # The run's client actors end with it; the cluster's own processes are not the run's and stay.
+        deadline = time.monotonic() + 60
+        while actors(cluster) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert actors(cluster) == [] and all(alive(node.pid) for node in cluster.nodes)
     assert len(set(nodes)) == 2
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
