@@ -6,7 +6,7 @@ machine (127.0.0.1) in the same run, so the ratio holds on a busy machine.
 Both run `avrec simulate --ray-address` (Flower's simulation engine, one client actor per CPU) over the first
 `--users` MovieLens-100K users for `--rounds` rounds, no baselines. Round 1 also starts the actors (torch,
 the content cache), so the figure compared is the mean of the later rounds. Prints and saves
-runs/ray_cluster.json. Run: `python -m simulations.benchmark_ray [--users N] [--rounds R] [--set k=v]`.
+runs/ray_cluster.json; the runs and every node's logs stay in runs/ray_cluster-*/. Run: `python -m simulations.benchmark_ray [--users N] [--rounds R] [--set k=v]`.
 """
 
 from __future__ import annotations
@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(overrides={**overrides, "max-users": args.users, "num-rounds": args.rounds})
     report: dict = {"users": args.users, "rounds": args.rounds, "machine_cores": os.cpu_count(),
                     "settings": {**overrides, "dp": cfg.dp, "trust-model": cfg.trust_model, "modalities": cfg.modalities}}
-    with tempfile.TemporaryDirectory(prefix="avrec-ray-bench-") as tmp:
-        report["one_node"] = cluster_run(cfg, [args.cpus], Path(tmp))
-        report["two_nodes"] = cluster_run(cfg, [args.cpus // 2] * 2, Path(tmp))
+    runs = Path(__file__).resolve().parents[1] / "runs"
+    runs.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="ray_cluster-", dir=runs))  # kept: the nodes' and Ray's logs, the runs
+    report["workdir"] = str(root)
+    report["one_node"] = cluster_run(cfg, [args.cpus], root)
+    report["two_nodes"] = cluster_run(cfg, [args.cpus // 2] * 2, root)
     one, two = report["one_node"]["mean_seconds_after_round_1"], report["two_nodes"]["mean_seconds_after_round_1"]
     if one and two:
         report["two_nodes_over_one_node"] = round(two / one, 3)

@@ -1,5 +1,6 @@
-"""A Ray cluster of several nodes on this machine (127.0.0.1), for the test and the benchmark of
-`avrec simulate --ray-address`.
+"""A Ray cluster of several nodes on this machine, for the test and the benchmark of `avrec simulate
+--ray-address`. Its address is 127.0.0.1:PORT; the nodes register under the machine's own address (Ray maps a
+loopback node address to it: ray/_private/services.py, resolve_ip_for_localhost).
 
 Each node is `ray start --block` run under the reaper (shared/reaper.py) in a session of its own, so the node
 and everything it starts (GCS, raylet, dashboard agent, workers) are stopped by process id when the cluster
@@ -7,7 +8,7 @@ is left, when its owner dies, or when a test fails; never by `ray stop`, which s
 every user on the machine. Two raylets on one host cannot share fixed ports, so every port a node opens is
 a free one chosen here. The nodes share one temporary directory (Ray keeps one session per cluster there), a
 short one under the system's temporary directory (Ray's socket paths must fit in 107 bytes), removed on exit;
-each node's own output stays in WORKDIR/node-I.log.
+each node's output stays in WORKDIR/node-I.log and Ray's own logs are moved to WORKDIR/ray-logs.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +53,7 @@ def local_cluster(workdir: Path, cpus_per_node: list[int], object_store_mb: int 
         for i, cpus in enumerate(cpus_per_node):
             role = ["--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
                     "--include-dashboard", "false"] if i == 0 else ["--address", cluster.address]
-            command = [flower_bin("ray"), "start", "--block", *role, "--node-ip-address", "127.0.0.1",
-                       "--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory", str(object_store_mb << 20),
+            command = [flower_bin("ray"), "start", "--block", *role, "--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory", str(object_store_mb << 20),
                        "--temp-dir", ray_temp, "--disable-usage-stats",
                        *(arg for name in NODE_PORTS for arg in (f"--{name}", str(free_port())))]
             log = workdir / f"node-{i}.log"
@@ -66,8 +68,11 @@ def local_cluster(workdir: Path, cpus_per_node: list[int], object_store_mb: int 
                                f"{len(cpus_per_node)} were started; see {workdir}/node-*.log")
         yield cluster
     finally:
-        for node in reversed(cluster.nodes):  # workers first, then the head
-            stop_group(node)
+        with ThreadPoolExecutor() as pool:  # every node at once: each waits out its own grace period
+            list(pool.map(stop_group, cluster.nodes))
+        logs = Path(ray_temp) / "session_latest" / "logs"
+        if logs.is_dir():  # Ray's own logs (raylets, GCS, workers) stay with the node logs
+            shutil.move(logs.resolve(), workdir / "ray-logs")
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
@@ -86,7 +91,7 @@ def live_nodes(address: str, timeout: float) -> list[str]:
     """The ids of the live nodes of the cluster at `address`, asked from a driver process of its own."""
     script = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
               "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % address)
-    done = subprocess.run(reaped([flower_bin("python"), "-c", script]), env=flower_env(), capture_output=True,
+    done = subprocess.run(reaped([sys.executable, "-c", script]), env=flower_env(), capture_output=True,
                           text=True, timeout=timeout, start_new_session=True)
     if done.returncode != 0:
         raise RuntimeError(f"could not list the nodes of the Ray cluster at {address}: {done.stderr[-500:]}")

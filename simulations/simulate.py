@@ -83,10 +83,10 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
     `ray_address`: HOST:PORT of an existing Ray cluster whose nodes run Flower's simulated clients."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    if ray_address and engine != "flower":
-        raise ConfigError(f"--ray-address {ray_address}: only Flower's engine runs on a Ray cluster; drop "
-                          f"--engine {engine} or the address")
     if ray_address:
+        if engine != "flower":
+            raise ConfigError(f"--ray-address {ray_address}: only Flower's engine runs on a Ray cluster; drop "
+                              f"--engine {engine} or the address")
         check_ray_address(ray_address)  # before the dataset is split and embedded
     started = time.perf_counter()
     temp = None
