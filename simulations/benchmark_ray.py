@@ -1,5 +1,5 @@
 """Seconds per round of the same federation on a one-node and on a two-node Ray cluster, both started on this
-machine (127.0.0.1) in the same run, so the ratio holds on a busy machine.
+machine (simulations/ray_cluster.py) in the same run, so the ratio holds on a busy machine.
 
 - one node: a Ray head with all the CPUs (`--cpus`, default 2);
 - two nodes: a head and a second node joining it, with half the CPUs each (the same total).
@@ -7,8 +7,8 @@ Both run `avrec simulate --ray-address` (Flower's simulation engine, one client 
 `--users` MovieLens-100K users for `--rounds` rounds, no baselines. Round 1 also starts the actors (torch,
 the content cache), so the figure compared is the mean of the later rounds. The runs alternate one, two, two,
 one nodes (`--repeats` such blocks), so a load that drifts during the benchmark weighs on both alike; the
-ratio compares the medians. Prints and saves
-runs/ray_cluster.json; the runs and every node's logs stay in runs/ray_cluster-*/. Run: `python -m simulations.benchmark_ray [--users N] [--rounds R] [--set k=v]`.
+ratio compares the medians. Prints and saves runs/ray_cluster.json; the runs and every node's logs stay in
+runs/ray_cluster-*/. Run: `python -m simulations.benchmark_ray [--users N] [--rounds R] [--repeats K] [--set k=v]`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`avrec simulate --ray-address`: Flower's simulation engine runs its clients on an existing Ray cluster, here
-two Ray nodes on 127.0.0.1 started by the test itself (one CPU each, so Flower places one client actor on
-each), and the devices really ran on both: each device names the Ray node it ran on, and rounds.jsonl counts
+two Ray nodes on this machine started by the test itself and joined through 127.0.0.1 (one CPU each, so Flower
+places one client actor on each), and the devices really ran on both: each device names the Ray node it ran on, and rounds.jsonl counts
 them. Both nodes are stopped by process id, whether the test passes or fails."""
 
 import json
