@@ -7,6 +7,7 @@ deployment (`data-dir` in the node config) the device reads its own directory.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def device_for(context: Context, cfg: RunConfig) -> Device | DeviceDirectory:
     )
 
 
+def ray_node() -> str | None:
+    """The id of the Ray node this process runs on, when it is a Ray worker (Flower's simulation engine)."""
+    ray = sys.modules.get("ray")  # never imported here: only a process Ray started has it loaded
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
 def state_root(device: Device | DeviceDirectory) -> Path:
     return device.state_dir if isinstance(device, DeviceDirectory) else device.state.root
 
@@ -103,6 +110,8 @@ def reply_message(msg: Message, reply: Reply, device: Device | DeviceDirectory, 
         # A simulated device: its evaluation goes to the harness in a record of its own. A deployed device
         # (DeviceDirectory) never sends it.
         records["harness"] = MetricRecord(reply.evaluation)
+    if simulated and (node := ray_node()):  # where the simulation ran this device: rounds.jsonl counts them
+        records["harness-ray-node"] = ConfigRecord({"id": node})
     if cfg.secure_trust:
         records["arrays"] = ArrayRecord({"share": secure_share(reply, global_state, msg, cfg, simulated)})
     elif reply.delta is not None:

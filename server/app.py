@@ -5,6 +5,7 @@ manifest."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -278,6 +279,8 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
                 keep_heads(device_heads, reply.content[HEADS_RECORD],
                            f"round {server_round}, node {reply.metadata.src_node_id}")
         failed += [f"node {n}: no reply" for n in set(sampled) - {r.metadata.src_node_id for r in replies}]
+        ray_nodes = Counter(str(r.content["harness-ray-node"]["id"]) for r in replies  # where they ran (client/app.py)
+                            if not r.has_error() and "harness-ray-node" in r.content)
 
         if secure_round is not None:
             result = secure_round.aggregate(shares, global_state)
@@ -303,6 +306,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             declined=declined,
             rejected=result.rejected,
             failed=failed,
+            ray_nodes=dict(sorted(ray_nodes.items())),
             user_epsilon=user_epsilon(ledger.entries, cfg.user_delta).epsilon if ledger is not None else None,
         )
         recorder.checkpoint(global_state)

@@ -87,6 +87,7 @@ class RunRecorder:
             "metrics": quality,
             "problems": (facts["declined"] + facts["rejected"] + facts["failed"])[:20],
             "problem_counts": reason_counts(facts["rejected"] + facts["failed"]),
+            "ray_nodes": facts.get("ray_nodes", {}),  # devices per Ray node (Flower's engine; {} in process)
         }
         self.rounds.append(row)
         with open(self.out / "rounds.jsonl", "a") as handle:

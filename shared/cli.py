@@ -73,7 +73,8 @@ def resume_config(args: argparse.Namespace):
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import simulate
 
-    simulate(resume_config(args) if args.resume else config_from_args(args), engine=args.engine)
+    simulate(resume_config(args) if args.resume else config_from_args(args), engine=args.engine,
+             ray_address=args.ray_address)
     return 0
 
 
@@ -87,6 +88,10 @@ def register(commands) -> None:
     sim.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                      help="flower: Flower's simulation engine (default); inprocess: the same server loop and device "
                           "code in one process with devices trained as a batch (fast; no SecAgg+ protocol)")
+    sim.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="run Flower's simulated clients on this existing Ray cluster (the head's GCS address, as "
+                          "`ray start --head` prints it; avrec must run on a node of the cluster) instead of a Ray "
+                          "started on this machine; RAY_ADDRESS in the environment is ignored")
     sim.add_argument("--resume", type=Path, metavar="RUN",
                      help="continue the run in directory RUN from its last checkpoint (with its own settings)")
     sim.set_defaults(func=_simulate)

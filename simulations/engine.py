@@ -9,6 +9,7 @@ run under the reaper (shared/reaper.py), so even a kill -9 of this process leave
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 from shared.errors import UserError
 from shared.processes import TreeMemory, descendants, flower_bin, flower_env, free_port, reaped, stop_group, wait_for_port
 
-__all__ = ["EngineError", "TreeMemory", "descendants", "run_app", "toml_value"]
+__all__ = ["EngineError", "TreeMemory", "check_ray_address", "descendants", "run_app", "toml_value"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,33 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> str:
+    """`address` (HOST:PORT of a Ray head node's GCS) when something there accepts connections; EngineError
+    otherwise, before any run starts."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        raise EngineError(f"--ray-address {address!r}: expected HOST:PORT, the GCS address of a running Ray cluster's "
+                          "head node (`ray start --head --port PORT` prints it); Ray Client (ray://) addresses are not "
+                          "supported: run avrec on a node of the cluster")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(f"--ray-address {address}: no Ray cluster could be reached there ({exc.strerror or exc}); "
+                          f"start its head with `ray start --head --port {port}` or give the address it printed") from None
+    return address
+
+
 def run_app(
     run_config: dict[str, Any],
     num_supernodes: int,
     workdir: Path,
     cpus_per_client: int = 1,
     app_dir: Path = REPO,
+    ray_address: str | None = None,
 ) -> None:
-    """Run the app to completion on `num_supernodes` simulated nodes; stream its log to stdout."""
+    """Run the app to completion on `num_supernodes` simulated nodes; stream its log to stdout. `ray_address`:
+    the simulation's clients run on that existing Ray cluster (see check_ray_address) instead of a Ray
+    started on this machine."""
     workdir.mkdir(parents=True, exist_ok=True)
     home = workdir / "flwr-home"
     home.mkdir(exist_ok=True)
@@ -53,6 +73,9 @@ def run_app(
     overrides = workdir / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
     env = flower_env(home)
+    env.pop("RAY_ADDRESS", None)  # the argument alone decides where the clients run
+    if ray_address:
+        env["RAY_ADDRESS"] = check_ray_address(ray_address)
     log_path = workdir / "superlink.log"
     # Both children run under the reaper: killing us (kill -9 included) stops everything they started.
     superlink = subprocess.Popen(

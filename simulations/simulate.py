@@ -32,7 +32,7 @@ from shared.metrics import METRICS, PROTOCOLS
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.participation import user_epsilon
 from simulations import baselines
-from simulations.engine import EngineError, TreeMemory, run_app
+from simulations.engine import EngineError, TreeMemory, check_ray_address, run_app
 from simulations.inprocess import run_inprocess
 from simulations.served_lists import served_lists, table_lines
 
@@ -75,12 +75,19 @@ def record_epsilons(state_dir: Path, delta: float) -> dict[str, Any]:
 ENGINES = ("flower", "inprocess")
 
 
-def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: bool = True) -> dict[str, Any]:
+def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: bool = True,
+             ray_address: str | None = None) -> dict[str, Any]:
     """`engine`: "flower" (Flower's simulation engine, a process per device message) or "inprocess" (the same
     server loop and device code in this process, devices batched: simulations/inprocess.py).
-    `with_baselines`: also popularity and the towers trained centrally without DP (the frontier runs them once)."""
+    `with_baselines`: also popularity and the towers trained centrally without DP (the frontier runs them once).
+    `ray_address`: HOST:PORT of an existing Ray cluster whose nodes run Flower's simulated clients."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if ray_address:
+        if engine != "flower":
+            raise ConfigError(f"--ray-address {ray_address}: only Flower's engine runs on a Ray cluster; drop "
+                              f"--engine {engine} or the address")
+        check_ray_address(ray_address)  # before the dataset is split and embedded
     started = time.perf_counter()
     temp = None
     if not cfg.out:
@@ -118,7 +125,7 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
     )
     with TreeMemory() as memory:
         fed_started = time.perf_counter()
-        federated = federate(cfg, len(users), out, engine, dataset_dir)
+        federated = federate(cfg, len(users), out, engine, dataset_dir, ray_address)
         fed_seconds = time.perf_counter() - fed_started
         systems = {"avrec (federated)": federated}
         if with_baselines:
@@ -181,7 +188,8 @@ def progress_line():
     return show
 
 
-def federate(cfg: RunConfig, clients: int, out: Path, engine: str, dataset_dir: Path) -> dict[str, Any]:
+def federate(cfg: RunConfig, clients: int, out: Path, engine: str, dataset_dir: Path,
+             ray_address: str | None = None) -> dict[str, Any]:
     """Run the app on the engine and return federated.json; RunFailed (non-zero exit) when the server found
     that the run trained nothing usable, with its reasons counted."""
     if engine == "inprocess":  # the server's RunFailed propagates as it is
@@ -190,7 +198,7 @@ def federate(cfg: RunConfig, clients: int, out: Path, engine: str, dataset_dir: 
         if sys.stdout.isatty() and not cfg.progress_seconds:  # a long round is not silent on a terminal
             cfg = cfg.replace(progress_seconds=10.0)
         try:
-            run_app(cfg.to_flat(), clients, out / "engine")
+            run_app(cfg.to_flat(), clients, out / "engine", ray_address=ray_address)
         except EngineError:
             failed = (out / "federated.json").exists() and read_json(out / "federated.json").get("failure")
             if failed:
