@@ -1,7 +1,8 @@
 """Reference systems evaluated on the same split and protocols as the federation:
 - popularity: items ranked by how many users have them in training;
 - central: the same two towers trained in one place without DP (every user's private vector in one
-  table, exact history summaries), test metrics at the epoch with the best validation HR@10.
+  table, exact history summaries, each example's loss weighted by its behaviour signal as on a device;
+  dislikes are not drawn as negatives here), test metrics at the epoch with the best validation HR@10.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from client.history import release_history
-from client.trainer import example_logits
+from client.trainer import WeightedCrossEntropy, example_logits
 from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.features import ItemContent
@@ -66,6 +67,8 @@ def central(
     histories = torch.stack([release_history(rows, u.train, 0.0, generator) for u in users])
     user_idx = torch.cat([torch.full((len(u.train),), i, dtype=torch.long) for i, u in enumerate(users)])
     targets = torch.cat([torch.as_tensor(u.train, dtype=torch.long) for u in users])
+    example_weights = torch.cat([torch.ones(len(u.train)) if u.weights is None else torch.as_tensor(u.weights).float()
+                                 for u in users])
     k = cfg.recent_items if cfg.train_recent else 0
     train_recent = torch.cat([recent_contexts(u.train, k)[:-1] for u in users]) if k else None
     # Per user two rows: rank the validation item, then the test item (see `evaluation_inputs`).
@@ -74,7 +77,7 @@ def central(
     eval_recent = torch.cat([r for _, r in evaluation]) if k else None
     eval_users = torch.arange(len(users)).repeat_interleave(2)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    criterion = torch.nn.CrossEntropyLoss()
+    criterion = WeightedCrossEntropy()
     best = None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -85,7 +88,7 @@ def central(
             users_in = b_users if cfg.private_user_vector else None
             recent = train_recent[idx] if k else None
             logits = example_logits(model, histories[b_users], targets[idx], n_items, cfg, generator, users_in, recent)
-            loss = criterion(logits, torch.zeros(len(idx), dtype=torch.long))
+            loss = criterion(logits, example_weights[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
