@@ -23,16 +23,21 @@ from shared.model import build_model, evaluation_inputs, recent_contexts
 from server.records import SELECT_BY
 
 
+def per_user_metrics(
+    scores: np.ndarray, users: Sequence[UserSplit], test_scores: np.ndarray | None = None
+) -> list[dict[str, float]]:
+    """Each user's metrics; `scores` (and `test_scores`, see `user_metrics`) are (n_users, n_items) in the order
+    of `users`."""
+    return [user_metrics(scores[i], u.train, u.val, u.test, u.val_negatives, u.test_negatives,
+                         None if test_scores is None else test_scores[i])
+            for i, u in enumerate(users)]
+
+
 def evaluate_scores(
     scores: np.ndarray, users: Sequence[UserSplit], test_scores: np.ndarray | None = None
 ) -> dict[str, float]:
-    """Mean metrics over users; `scores` (and `test_scores`, see `user_metrics`) are (n_users, n_items)
-    in the order of `users`."""
-    return mean_metrics(
-        user_metrics(scores[i], u.train, u.val, u.test, u.val_negatives, u.test_negatives,
-                     None if test_scores is None else test_scores[i])
-        for i, u in enumerate(users)
-    )
+    """Mean metrics over users (see `per_user_metrics`)."""
+    return mean_metrics(per_user_metrics(scores, users, test_scores))
 
 
 def popularity(users: Sequence[UserSplit], n_items: int) -> dict:
@@ -52,13 +57,14 @@ def central(
     lr: float = 0.005,
     batch_size: int = 256,
     keep_scores: bool = False,
+    per_user: bool = False,
 ) -> dict:
     """Train the two towers on all users' training interactions at once (no federation, no DP).
 
     The first `n_items` items are the training catalogue (ID embeddings, offsets, negatives); content rows
     after them are items never trained on, scored from content alone. With `keep_scores` the result holds
     `scores`, every user's scores of every item (content rows) from the training history at the selected
-    epoch."""
+    epoch; with `per_user`, `per_user` holds each user's metrics at that epoch."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -97,12 +103,15 @@ def central(
             eval_histories, users=eval_users if cfg.private_user_vector else None, recent=eval_recent
         ).numpy()
         scores = both[0::2]
-        metrics = evaluate_scores(scores, users, both[1::2])
+        rows = per_user_metrics(scores, users, both[1::2])
+        metrics = mean_metrics(rows)
         if best is None or metrics[SELECT_BY] > best[1][SELECT_BY]:
             weights = dict(zip(model.items.modalities, model.items.modality_weights().tolist()))
-            best = (epoch, metrics, weights, scores if keep_scores else None)
-    epoch, metrics, weights, best_scores = best
+            best = (epoch, metrics, weights, scores if keep_scores else None, rows if per_user else None)
+    epoch, metrics, weights, best_scores, best_rows = best
     extra = {"scores": best_scores} if keep_scores else {}
+    if per_user:
+        extra["per_user"] = best_rows
     return {
         **extra,
         "modality_weights": weights,
