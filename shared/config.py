@@ -58,7 +58,7 @@ class RunConfig:
     # Behaviour signals (shared/data/signals.py): none = every interaction a click of weight 1; event = the
     # interactions' event column (play/like/skip/dislike) and watch_fraction; rating = 4-5 like, 3 play, 1-2 dislike
     signals: str = "none"
-    signal_weights: str = "like=1,play=0.5,skip=0"  # each positive event's example weight in [0, 1] (0 = not trained on)
+    signal_weights: str = "like=1,play=0.5,skip=0"  # each positive event's example weight in [0, 1] (0 = adds nothing)
     # how many of each example's num-negatives are drawn from the same user's dislikes (0 = off); couples
     # records, so refused under record-level DP
     dislike_negatives: int = 0

@@ -32,7 +32,6 @@ from simulations import baselines
 VARIANTS = {
     "every rating a click": {"signals": "none"},
     "ratings as signal (like 1, play 0.5, dislike 0)": {"signals": "rating"},
-    "ratings as signal (like 1, play 1, dislike 0)": {"signals": "rating", "signal-weights": "like=1,play=1,skip=0"},
 }
 METRICS = ("sampled-99/test/hr@10", "sampled-99/test/ndcg@10")
 

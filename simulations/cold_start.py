@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -187,6 +188,8 @@ def evaluate_federated(dataset: Dataset, cfg: RunConfig, fraction: float, out: P
     from client.serving import DeviceRecommender, run_config
     from simulations.simulate import simulate
 
+    if out.exists():
+        raise FileExistsError(f"{out}: already holds a measurement; expected a new directory (choose another --out)")
     cold = cold_items(dataset.n_items, fraction, cfg.seed)
     n_warm = dataset.n_items - len(cold)
     users, positives = warm_splits(dataset, cold, cfg.seed, cfg.eval_negatives)
@@ -252,14 +255,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     dataset = load_dataset(resolve_dataset(cfg))
     if args.federated:
-        results = [evaluate_federated(dataset, cfg.replace(seed=int(seed)), args.fraction, out / f"seed-{seed}")
-                   for seed in args.seeds.split(",")]
+        try:
+            results = [evaluate_federated(dataset, cfg.replace(seed=int(seed)), args.fraction, out / f"seed-{seed}")
+                       for seed in args.seeds.split(",")]
+        except (FileExistsError, RuntimeError) as exc:
+            print(f"cold_start: error: {exc}", file=sys.stderr)
+            return 1
+        epsilons = [r["privacy"].get("user_level", {}).get("epsilon") for r in results]
         return _report(results, cfg, args, out, started,
                        f"MovieLens-100K new items with the federated model: {results[0]['cold_items']} of "
                        f"{dataset.n_items} items withheld from the run's catalogue (seeds {args.seeds}, "
-                       f"{results[0]['clients']} clients, dp={cfg.dp}, {cfg.num_rounds} rounds, modalities "
-                       f"{cfg.modalities}); {results[0]['users_evaluated']} clients ranked each new item against the "
-                       "other new items")
+                       f"{results[0]['clients']} clients, dp={cfg.dp}, user-level epsilon {epsilons}, "
+                       f"{cfg.num_rounds} rounds, modalities {cfg.modalities}); {results[0]['users_evaluated']} "
+                       "clients ranked each new item against the other new items")
     settings = EncoderSettings.from_config(cfg)
     contents = {name: item_content(dataset, m, cfg.cache_dir or None, settings) for name, m in VARIANTS.items()}
     results = [evaluate(dataset, contents, cfg.replace(seed=int(seed)), args.fraction, args.epochs)

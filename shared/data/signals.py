@@ -51,8 +51,8 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"{part!r}: expected a number after '='") from None
         if not 0.0 <= weight <= 1.0:  # also false for NaN
-            raise ValueError(f"{part!r}: expected a weight in [0, 1] (a weight above 1 would scale an example's "
-                             "gradient past the clip norm's meaning)")
+            raise ValueError(f"{part!r}: expected a weight in [0, 1] (a weight scales its example's loss down, never "
+                             "up, so no gradient grows past its unweighted one)")
         weights[name] = weight
     missing = [e for e in EVENTS if e != "dislike" and e not in weights]
     if missing:
