@@ -88,9 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     content = item_content(dataset, base.modality_list, base.cache_dir or None, EncoderSettings.from_config(base))
     results = [run(dataset, content, base.replace(seed=int(seed)), args.epochs) for seed in args.seeds.split(",")]
     text = format_rows(results)
-    liked = results[0][next(iter(VARIANTS))]
+    first = results[0][next(iter(VARIANTS))]
     print(f"\nMovieLens-100K, central training without DP (seeds {args.seeds}, {args.epochs} epochs, modalities "
-          f"{base.modalities}): {liked['users']} users, {liked['liked users']} with a liked (4-5) test item\n{text}")
+          f"{base.modalities}): {first['users']} users, {first['liked users']} with a liked (4-5) test item\n{text}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"per_seed": results, "config": base.to_flat(), "epochs": args.epochs,
               "seconds": round(time.perf_counter() - started, 1), "markdown": text}
