@@ -20,7 +20,7 @@ from client.directory import DeviceDirectory
 from client.secagg import is_legacy_fit, secure_mod, train_legacy
 from shared.config import RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
-from shared.data.split import leave_one_out
+from shared.data.signals import run_split
 from shared.features import EncoderSettings, load_cached
 from shared.privacy.device_heads import HEADS_RECORD, head_fields
 from shared.secure import noised_share
@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 def population(cfg: RunConfig):
     dataset_dir = resolve_dataset(cfg)
     dataset, content = load_cached(str(dataset_dir), cfg.modalities, cfg.cache_dir, EncoderSettings.from_config(cfg))
-    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
+    split = run_split(dataset, cfg)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
     return dataset, content, users
 

@@ -175,8 +175,10 @@ class Device:
             self._record(server_round, run_id, history_event)
 
         before = {k: v.clone() for k, v in shared_state(model).items()}
+        # Behaviour signals stay here: they weight this device's examples, never change what it sends.
         result = train_local(
-            model, self.split.train, history, cfg, self.round_seed(server_round), cfg.record_dp
+            model, self.split.train, history, cfg, self.round_seed(server_round), cfg.record_dp,
+            weights=self.split.weights, dislikes=self.split.dislikes,
         )
         self.state.save_private({**private_state(model), "history": history}, release_meta)
 

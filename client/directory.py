@@ -27,7 +27,7 @@ import torch
 
 from client.device import Device, Reply
 from shared.config import RunConfig
-from shared.data.split import leave_one_out
+from shared.data.signals import run_split
 from shared.features import EncoderSettings, load_cached
 from shared.metrics import mean_metrics
 
@@ -44,7 +44,7 @@ class DeviceDirectory:
         self.state_dir = Path(state_dir).expanduser() if state_dir else self.data_dir / "state"
         # The run config's cache-dir names a path on the server's machine: a device uses its own.
         dataset, content = load_cached(str(self.data_dir), cfg.modalities, cache_dir, EncoderSettings.from_config(cfg))
-        split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
+        split = run_split(dataset, cfg)
         self.devices = [
             Device(dataset.user_ids[u.user], u, content, dataset.n_items, cfg, self.state_dir / dataset.user_ids[u.user])
             for u in split.users

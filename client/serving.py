@@ -51,15 +51,27 @@ class UserView:
     state_dir: Path
 
 
+def catalogue_size(weights: dict[str, torch.Tensor], dataset: Dataset) -> int:
+    """How many of the dataset's items the global model was trained on: its per-item rows (ID embeddings, offsets).
+    Items appended to items.csv after them are new: the item tower ranks them from their content alone."""
+    rows = [weights[k].shape[0] for k in ("items.ids.weight", "items.bias.weight") if k in weights]
+    n = rows[0] if rows else dataset.n_items
+    if n > dataset.n_items:
+        raise ServingError(f"the global model was trained on {n} items but {dataset.root / 'items.csv'} lists "
+                           f"{dataset.n_items}: expected the training catalogue, new items appended after it")
+    return n
+
+
 class DeviceRecommender:
-    """Serves the users of a dataset with one global model; built once per model (item vectors cached)."""
+    """Serves the users of a dataset with one global model; built once per model (item vectors cached). The
+    dataset's items.csv is the run's catalogue, optionally with new items appended (`catalogue_size`)."""
 
     def __init__(self, dataset: Dataset, cfg: RunConfig, weights: dict[str, torch.Tensor], state_root: Path) -> None:
         self.dataset = dataset
         self.cfg = cfg
         self.state_root = state_root
         content = item_content(dataset, cfg.modality_list, cfg.cache_dir or None, EncoderSettings.from_config(cfg))
-        model = build_model(content, dataset.n_items, cfg)
+        model = build_model(content, catalogue_size(weights, dataset), cfg)
         shared = {k: v for k, v in model.state_dict().items() if not is_private(k)}
         missing = sorted(set(shared) - set(weights))
         if missing or any(weights[k].shape != shared[k].shape for k in shared):
@@ -74,9 +86,11 @@ class DeviceRecommender:
         self.recommender = Recommender(model, self.catalogue)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, model: str = "global") -> "DeviceRecommender":
-        """A simulated run's devices: the run's dataset and configuration, `model` = global (the last
-        round's weights, what devices hold) or best (the best validation round's)."""
+    def from_run(cls, run_dir: str | Path, model: str = "global", dataset: str | Path | None = None
+                 ) -> "DeviceRecommender":
+        """A simulated run's devices: the run's dataset (or `dataset`: the run's catalogue with new items appended)
+        and configuration, `model` = global (the last round's weights, what devices hold) or best (the best
+        validation round's)."""
         run_dir = Path(run_dir)
         if model not in MODEL_FILES:
             raise ServingError(f"model = {model!r}: expected one of {', '.join(MODEL_FILES)}")
@@ -85,7 +99,7 @@ class DeviceRecommender:
             raise ServingError(f"{path} not found: expected a run directory written by `avrec simulate`")
         cfg = run_config(run_dir)
         state_root = Path(cfg.state_dir) if cfg.state_dir else run_dir / "devices"
-        return cls(load_dataset(cfg.dataset), cfg, load_file(path), state_root)
+        return cls(load_dataset(dataset or cfg.dataset), cfg, load_file(path), state_root)
 
     def user(self, user_id: str) -> UserView:
         ds = self.dataset

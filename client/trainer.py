@@ -7,6 +7,8 @@ that example alone, which is what DP-SGD's sensitivity bound (the clip norm) ass
   pool that depends on the user's other records) and never from the batch (in-batch negatives couple
   examples: NOTES.md section 4);
 - the user's history enters only as a summary released once with Gaussian noise (`client.history`).
+Behaviour signals (`shared.data.signals`) weight each example's loss by at most 1, so its clipped gradient
+stays within the clip norm; a dislike drawn as a negative couples records and never runs under record-level DP.
 """
 
 from __future__ import annotations
@@ -43,11 +45,17 @@ def sample_candidates(
 
 
 def example_draws(
-    targets: torch.Tensor, n_items: int, cfg: RunConfig, generator: torch.Generator
+    targets: torch.Tensor, n_items: int, cfg: RunConfig, generator: torch.Generator,
+    dislikes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's random draws, in the order training makes them: candidates (B, 1 + K) and which examples
-    keep their ID embeddings (B,). Also replayed by the vectorised cohort trainer (simulations/cohort.py)."""
+    keep their ID embeddings (B,). Also replayed by the vectorised cohort trainer (simulations/cohort.py).
+    With `cfg.dislike-negatives` = d and a user who disliked something, the first d negatives are drawn from
+    `dislikes` (the user's own, never a positive) instead (the shape stays the same for every user)."""
     candidates = sample_candidates(targets, n_items, cfg.num_negatives, generator)
+    if cfg.dislike_negatives and dislikes is not None and len(dislikes):
+        picks = torch.randint(0, len(dislikes), (targets.shape[0], cfg.dislike_negatives), generator=generator)
+        candidates[:, 1:1 + cfg.dislike_negatives] = dislikes[picks]
     return candidates, torch.rand(targets.shape[0], generator=generator) >= cfg.id_dropout
 
 
@@ -60,12 +68,13 @@ def example_logits(
     generator: torch.Generator,
     users: torch.Tensor | None = None,
     recent: torch.Tensor | None = None,
+    dislikes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, 1 + K) with the positive in column 0; negatives and ID dropout drawn per example.
     `history` is the history sum, (B, H) or (1, H) for one user: each example leaves its own target out.
     `users` indexes private vectors in central training; `recent` (B, k) holds the items before each
-    target (only where `cfg.train_recent`)."""
-    candidates, keep = example_draws(targets, n_items, cfg, generator)
+    target (only where `cfg.train_recent`); `dislikes` the one user's disliked items (see `example_draws`)."""
+    candidates, keep = example_draws(targets, n_items, cfg, generator, dislikes)
     return model(history.expand(targets.shape[0], -1), candidates, keep, users, recent, leave_out=targets)
 
 
@@ -78,9 +87,29 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.learning_rate)
 
 
-def example_loader(train_items: np.ndarray, cfg: RunConfig, generator: torch.Generator) -> DataLoader:
-    """Shuffled mini-batches of (targets[, the recent items before each])."""
-    tensors = [torch.as_tensor(np.asarray(train_items), dtype=torch.long)]
+class WeightedCrossEntropy(nn.Module):
+    """Softmax cross-entropy with the positive in column 0, each example's loss times its weight (<= 1, so an
+    example's gradient is at most its unweighted one, and clipping bounds it as before). `reduction` is what
+    Opacus's ghost clipping sets to "none" to take the per-example losses."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        per_example = nn.functional.cross_entropy(logits, target, reduction="none") * weights
+        return per_example if self.reduction == "none" else per_example.mean()
+
+
+def example_loader(train_items: np.ndarray, weights: np.ndarray | None, cfg: RunConfig,
+                   generator: torch.Generator) -> DataLoader:
+    """Shuffled mini-batches of (targets, weights[, the recent items before each]): one example per train item,
+    `weights` aligned with them (None = 1 each). A weight-0 item (a dislike, or an event weighted 0) stays an
+    example whose loss is 0: the examples, the batches and DP-SGD's records are the same whatever the signals."""
+    train_items = np.asarray(train_items)
+    weights = np.ones(len(train_items)) if weights is None else np.asarray(weights)
+    tensors = [torch.as_tensor(train_items, dtype=torch.long), torch.as_tensor(weights, dtype=torch.float32)]
     if cfg.train_recent:  # never under record-level DP (see shared.model.TwoTower.forward)
         tensors.append(recent_contexts(train_items, cfg.recent_items)[:-1])
     return DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True, generator=generator)
@@ -94,6 +123,8 @@ def train_local(
     seed: int,
     dp: bool,
     after_backward=None,
+    weights: np.ndarray | None = None,
+    dislikes: np.ndarray | None = None,
 ) -> TrainResult:
     """Train `model` in place on the user's training interactions: `cfg.local_epochs` epochs of
     shuffled mini-batches, or under DP-SGD `cfg.record_steps` steps, each Poisson-sampling every
@@ -102,16 +133,20 @@ def train_local(
     carries says nothing about how many interactions the user has.
 
     `after_backward(optimizer)`, if given, runs between each backward pass and optimizer step: the
-    empirical privacy audit (`shared.privacy.empirical`) injects its canary gradients there."""
+    empirical privacy audit (`shared.privacy.empirical`) injects its canary gradients there. `weights` (aligned
+    with `train_items`, each in [0, 1]) and `dislikes` are the user's behaviour signals (`UserSplit`)."""
+    if dp and cfg.dislike_negatives and dislikes is not None and len(dislikes):
+        raise ValueError("train_local: dislikes as negatives couple records; refused under record-level DP")
     n_items = model.items.n_items
     targets = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
     n = int(targets.shape[0])
     generator = torch.Generator().manual_seed(seed)
     history = history.reshape(1, -1).float()
-    loader = example_loader(train_items, cfg, generator)
+    loader = example_loader(train_items, weights, cfg, generator)
+    disliked = None if dislikes is None else torch.as_tensor(np.asarray(dislikes), dtype=torch.long)
     model.train()
     optimizer = _optimizer(model, cfg)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion: nn.Module = WeightedCrossEntropy()
     sample_rate, sigma = 0.0, 0.0
     epochs = cfg.local_epochs
     if dp:
@@ -142,7 +177,7 @@ def train_local(
         loader = csprng_loader(loader, sample_rate, cfg.record_steps)
     steps, total, seen = 0, 0.0, 0
     for _ in range(epochs):
-        for batch, *context in loader:
+        for batch, batch_weights, *context in loader:
             optimizer.zero_grad(set_to_none=True)
             if batch.numel() == 0:
                 # An empty Poisson batch still takes a (noise-only) step, as the accountant assumes.
@@ -150,8 +185,9 @@ def train_local(
                     _noise_only_step(optimizer)
                 steps += 1
                 continue
-            logits = example_logits(model, history, batch, n_items, cfg, generator, None, *context)
-            loss = criterion(logits, torch.zeros(batch.shape[0], dtype=torch.long))
+            recent = context[0] if context else None
+            logits = example_logits(model, history, batch, n_items, cfg, generator, None, recent, disliked)
+            loss = criterion(logits, batch_weights)
             loss.backward()
             if after_backward is not None:
                 after_backward(optimizer)

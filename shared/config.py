@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.data.signals import SIGNALS, parse_weights
 from shared.errors import UserError
 
 DP_MODES = ("none", "record", "user", "both")
@@ -54,6 +55,13 @@ class RunConfig:
 
     # Local training (on each device)
     num_negatives: int = 8  # sampled negatives per training example (per example, never in-batch)
+    # Behaviour signals (shared/data/signals.py): none = every interaction a click of weight 1; event = the
+    # interactions' event column (play/like/skip/dislike) and watch_fraction; rating = 4-5 like, 3 play, 1-2 dislike
+    signals: str = "none"
+    signal_weights: str = "like=1,play=0.5,skip=0"  # each positive event's example weight in [0, 1] (0 = adds nothing)
+    # how many of each example's num-negatives are drawn from the same user's dislikes (0 = off); couples
+    # records, so refused under record-level DP
+    dislike_negatives: int = 0
     local_epochs: int = 1  # without record-level DP; under it the step count is record-steps
     # Without record-level DP the mini-batch size. Under it the fixed divisor of each step's summed clipped
     # gradients (a nominal expected batch): never the user's own int(n * q), which would leak n.
@@ -239,6 +247,20 @@ class RunConfig:
         if self.resume and self.secure_aggregation:
             raise ConfigError("resume = true with secure-aggregation = true: Flower's legacy SecAgg+ workflow always "
                               "starts at round 1; start a new run (a new --out) instead")
+        if self.signals not in SIGNALS:
+            raise ConfigError(f"signals = {self.signals!r}: expected one of {', '.join(SIGNALS)}")
+        try:
+            parse_weights(self.signal_weights)
+        except ValueError as exc:
+            raise ConfigError(f"signal-weights = {self.signal_weights!r}: {exc}") from None
+        if not 0 <= self.dislike_negatives <= self.num_negatives:
+            raise ConfigError(f"dislike-negatives = {self.dislike_negatives}: expected 0 .. num-negatives "
+                              f"({self.num_negatives})")
+        if self.dislike_negatives and self.record_dp:
+            raise ConfigError(
+                f"dislike-negatives = {self.dislike_negatives} with dp = {self.dp!r}: a dislike drawn as another "
+                "example's negative couples two records, which record-level DP-SGD's per-example clip cannot bound; "
+                "use dp = user or none, or dislike-negatives = 0")
         if self.user_dp and (self.user_noise_multiplier <= 0 or self.user_clip_norm <= 0):
             raise ConfigError(
                 f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "
@@ -267,6 +289,10 @@ class RunConfig:
     def train_recent(self) -> bool:
         """Whether training passes the recent items (the device always serves with them)."""
         return self.recent_items > 0 and not self.record_dp
+
+    @property
+    def signal_weight_map(self) -> dict[str, float]:
+        return parse_weights(self.signal_weights)
 
     @property
     def modality_list(self) -> list[str]:

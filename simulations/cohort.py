@@ -20,11 +20,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, vmap
-from torch.nn import functional as F
 
 from client.device import Device, Reply
 from client.history import release_history
-from client.trainer import example_draws, example_loader
+from client.trainer import WeightedCrossEntropy, example_draws, example_loader
 from shared.metrics import user_metrics
 from shared.model import build_model, evaluation_inputs, is_private, shared_state
 
@@ -43,7 +42,7 @@ class _Plan:
     device: Device
     history: torch.Tensor  # (H,) the exact history sum (no release noise without record-level DP)
     private: dict[str, torch.Tensor]
-    batches: list[tuple[torch.Tensor, ...]]  # (targets, candidates, keep[, recent]) per step
+    batches: list[tuple[torch.Tensor, ...]]  # (targets, weights, candidates, keep[, recent]) per step
 
 
 def _plan(device: Device, template, server_round: int) -> _Plan:
@@ -53,11 +52,14 @@ def _plan(device: Device, template, server_round: int) -> _Plan:
     # The draws train_local makes, in its order: the loader's shuffle at each epoch's start, then each
     # batch's candidates and ID dropout, from the generator Device.train_round seeds.
     generator = torch.Generator().manual_seed(device.round_seed(server_round))
-    loader = example_loader(device.split.train, cfg, generator)
+    split = device.split
+    loader = example_loader(split.train, split.weights, cfg, generator)
+    dislikes = torch.as_tensor(split.dislikes, dtype=torch.long)
     batches = []
     for _ in range(cfg.local_epochs):
-        for targets, *context in loader:
-            batches.append((targets, *example_draws(targets, template.items.n_items, cfg, generator), *context))
+        for targets, weights, *context in loader:
+            draws = example_draws(targets, template.items.n_items, cfg, generator, dislikes)
+            batches.append((targets, weights, *draws, *context))
     return _Plan(device, history, device.private_start(template, saved), batches)
 
 
@@ -113,16 +115,16 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
                for n in names}
     rates = {n: cfg.private_learning_rate if is_private(n) else cfg.learning_rate for n in names}
 
-    def loss(trainable, history, targets, candidates, keep, *rest):
+    def loss(trainable, history, targets, example_weights, candidates, keep, *rest):
         *recent, mask = rest
         logits = functional_call(
             template, {**frozen, **trainable},
             (history.expand(targets.shape[0], -1), candidates, keep, None, recent[0] if recent else None),
             {"leave_out": targets},
         )
-        per_example = F.cross_entropy(logits, torch.zeros(targets.shape[0], dtype=torch.long), reduction="none")
-        return (per_example * mask).sum() / mask.sum()
+        return (per_example_loss(logits, example_weights) * mask).sum() / mask.sum()
 
+    per_example_loss = WeightedCrossEntropy(reduction="none")
     step_fn = vmap(grad_and_value(loss))
     histories = torch.stack([p.history for p in plans]).float()
     losses = torch.zeros(len(plans), dtype=torch.float64)

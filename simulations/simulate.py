@@ -26,7 +26,7 @@ from shared.config import ConfigError, RunConfig
 from shared.errors import read_json
 from shared.data.dataset import load_dataset
 from shared.data.resolve import resolve_dataset
-from shared.data.split import leave_one_out
+from shared.data.signals import run_split
 from shared.features import EncoderSettings, item_content
 from shared.metrics import METRICS, PROTOCOLS
 from shared.privacy.ledger import PrivacyLedger
@@ -106,7 +106,7 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
         state_dir=str(Path(cfg.state_dir).resolve() if cfg.state_dir else out / "devices"),
     )
     dataset = load_dataset(dataset_dir)
-    split = leave_one_out(dataset, cfg.seed, cfg.eval_negatives, drop_short_users=cfg.drop_short_users)
+    split = run_split(dataset, cfg)
     users = split.users[: cfg.max_users] if cfg.max_users else split.users
     if split.dropped_users:
         log(f"avrec: drop-short-users: {split.dropped_users} user(s) with fewer than 3 interactions left out")

@@ -3,7 +3,9 @@ batched cohort equals `Device.train_round` (noise-free: without DP and under use
 added after the device's update), and a whole run equals the same run on Flower's simulation engine."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,15 +33,22 @@ def world(tmp_path_factory):
 
 def devices(world, name, cfg):
     root, dataset, split, content = world
+    users = split.users
+    if cfg.signals != "none":  # behaviour signals: weights in [0, 1] (some 0) and dislikes, different per user
+        rng = np.random.default_rng(5)
+        users = [replace(u, weights=rng.choice([0.0, 0.3, 1.0], len(u.train)), dislikes=u.train[: i % 3]) for i, u in enumerate(users)]
     return [Device(dataset.user_ids[u.user], u, content, dataset.n_items, cfg, root / name / str(i))
-            for i, u in enumerate(split.users)]
+            for i, u in enumerate(users)]
 
 
-@pytest.mark.parametrize("dp", ["none", "user"])
-def test_a_cohort_trains_every_device_as_it_would_alone(world, dp, monkeypatch):
+@pytest.mark.parametrize("dp, signals", [("none", "none"), ("user", "none"), ("user", "rating")])
+def test_a_cohort_trains_every_device_as_it_would_alone(world, dp, signals, monkeypatch):
     root, dataset, split, content = world
-    # local-epochs 2 and unequal histories: devices stop at different steps; a cohort of 4 splits the 10 devices
-    cfg = RunConfig(eval_negatives=49, dp=dp, local_epochs=2, batch_size=4, modalities="text")
+    # local-epochs 2 and unequal histories: devices stop at different steps; a cohort of 4 splits the 10 devices.
+    # With signals: weighted losses, and 2 of each example's negatives from the user's dislikes where it has any.
+    cfg = RunConfig(eval_negatives=49, dp=dp, local_epochs=2, batch_size=4, modalities="text", signals=signals,
+                    dislike_negatives=2 if signals != "none" else 0)
+    dp = f"{dp}-{signals}"
     monkeypatch.setattr("simulations.cohort.COHORT", 4)
     torch.manual_seed(0)
     global_state = shared_state(build_model(content, dataset.n_items, cfg))
@@ -57,7 +66,7 @@ def test_a_cohort_trains_every_device_as_it_would_alone(world, dp, monkeypatch):
             assert private_a.keys() == private_b.keys()
             for k in private_a:
                 torch.testing.assert_close(private_a[k], private_b[k], atol=1e-6, rtol=1e-5)
-    if dp == "user":
+    if cfg.user_dp:
         assert all(update_norm(r.delta) <= cfg.user_clip_norm * (1 + 1e-6) for r in batched)
 
 

@@ -4,7 +4,9 @@ A dataset is a directory holding
 
 * ``interactions.csv`` -- columns ``user_id,item_id,timestamp`` (extra columns such as
   ``rating`` are kept). Timestamps are integer unix seconds or ISO-8601 strings
-  (naive ISO times are taken as UTC); both are parsed to int64 unix seconds.
+  (naive ISO times are taken as UTC); both are parsed to int64 unix seconds. Optional behaviour columns
+  (used by the `signals` setting, see `shared.data.signals`): ``event``, one of ``EVENTS`` (empty = play),
+  and ``watch_fraction``, a number in [0, 1] (empty = unknown).
 * ``items.csv`` -- ``item_id``, ``title`` (required), optional text columns
   ``description``, ``genres``, ``tags`` (lists separated by ``|``) and optional media
   columns ``image``, ``video``, ``audio`` and ``subtitles`` (an SRT or WebVTT file) holding paths
@@ -39,6 +41,7 @@ __all__ = [
     "PATH_COLUMNS",
     "FEATURE_MODALITIES",
     "TEXT_COLUMNS",
+    "EVENTS",
 ]
 
 #: Media columns of ``items.csv`` (paths relative to the dataset directory).
@@ -49,6 +52,9 @@ PATH_COLUMNS: tuple[str, ...] = MEDIA_MODALITIES + ("subtitles",)
 FEATURE_MODALITIES: tuple[str, ...] = ("text", "image", "audio", "video")
 #: Text columns of ``items.csv`` used by :meth:`Dataset.item_texts`, in output order.
 TEXT_COLUMNS: tuple[str, ...] = ("title", "genres", "description", "tags")
+
+#: Values of the optional ``event`` column of ``interactions.csv`` (behaviour signals).
+EVENTS: tuple[str, ...] = ("like", "play", "skip", "dislike")
 
 _INTERACTIONS = "interactions.csv"
 _ITEMS = "items.csv"
@@ -278,6 +284,32 @@ def _parse_timestamps(path: Path, values: pd.Series, positions: np.ndarray) -> n
             column="timestamp",
         )
     return out
+
+
+def _check_signals(path: Path, raw: pd.DataFrame, positions: np.ndarray) -> None:
+    """The optional behaviour columns: ``event`` in EVENTS (normalised to lower case in place), and
+    ``watch_fraction`` a number in [0, 1]; empty cells are allowed in both."""
+    if "event" in raw.columns:
+        raw["event"] = raw["event"].str.strip().str.lower()
+        bad = ~raw["event"].isin(EVENTS + ("",)).to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            line = _line_numbers(path, positions[[row]])[0]
+            raise DatasetError(
+                f"{path}: line {line}: event {raw['event'].iloc[row]!r} ({int(bad.sum())} unknown value(s)); expected "
+                f"one of {', '.join(EVENTS)} or empty (= play). Likely cause: another event vocabulary; map it to "
+                f"these four.", file=path, line=line, column="event")
+    if "watch_fraction" in raw.columns:
+        text = raw["watch_fraction"].str.strip()
+        value = pd.to_numeric(text.where(text != ""), errors="coerce").to_numpy(dtype=float)
+        bad = (text != "").to_numpy() & ~((value >= 0.0) & (value <= 1.0))  # NaN (unparsable) is bad too
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            line = _line_numbers(path, positions[[row]])[0]
+            raise DatasetError(
+                f"{path}: line {line}: watch_fraction {text.iloc[row]!r} ({int(bad.sum())} such value(s)); expected "
+                f"a number in [0, 1] or empty. Likely cause: a percentage (0-100) or seconds watched instead of "
+                f"a fraction.", file=path, line=line, column="watch_fraction")
 
 
 def _maybe_numeric(col: pd.Series) -> pd.Series:
@@ -592,6 +624,7 @@ def load_dataset(path: str | Path) -> Dataset:
             column="item_id",
         )
     timestamps = _parse_timestamps(ipath, raw["timestamp"], positions)
+    _check_signals(ipath, raw, positions)
 
     user_ids = _sort_ids(raw["user_id"].unique())
     user_index = pd.Index(user_ids).get_indexer(raw["user_id"])

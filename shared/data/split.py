@@ -11,7 +11,7 @@ recommenders: rank the held-out item among 1 + 99 candidates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,7 +24,10 @@ _MAX_LISTED = 5
 
 @dataclass(frozen=True, eq=False)
 class UserSplit:
-    """One user's train items (time order), held-out val/test items and their negatives."""
+    """One user's train items (time order), held-out val/test items and their negatives, and the behaviour
+    signals of the train items (`shared.data.signals.with_signals`): `weights` aligned with `train` (None = every
+    interaction a click of weight 1; 0 = trained on with loss 0) and the items the user disliked. `train`
+    stays every item the user consumed (history, masking); only training reads the signals."""
 
     user: int
     train: np.ndarray
@@ -32,6 +35,8 @@ class UserSplit:
     test: int
     val_negatives: np.ndarray
     test_negatives: np.ndarray
+    weights: np.ndarray | None = None
+    dislikes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,7 +38,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from client.serving import DeviceRecommender, ServingError
 
     try:
-        device = DeviceRecommender.from_run(args.run_dir, args.model)
+        device = DeviceRecommender.from_run(args.run_dir, args.model, args.dataset)
         user = device.user(args.user)
         if args.add_tag or args.remove_tag:
             device.interests(user).edits.edit(args.add_tag, args.remove_tag).save(user.state_dir)
@@ -70,5 +70,8 @@ def register(commands) -> None:
                    help="MMR re-ranking for spread in content space, 0 (the model's order, default) to 1")
     p.add_argument("--model", choices=("global", "best"), default="global",
                    help="global: the last round's weights, as devices hold them (default); best: the best validation round's")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help="serve this dataset instead of the run's: its catalogue with new items appended to items.csv "
+                        "(ranked from their content, embedded on the device by `avrec embed`)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_recommend)
