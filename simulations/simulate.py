@@ -81,6 +81,8 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
     `with_baselines`: also popularity and the towers trained centrally without DP (the frontier runs them once)."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine != "inprocess" and cfg.attack != "none":
+        raise ConfigError(f"attack = {cfg.attack}: simulated attacks run on the in-process engine only (--engine inprocess)")
     started = time.perf_counter()
     temp = None
     if not cfg.out:
