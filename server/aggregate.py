@@ -28,7 +28,7 @@ import torch
 
 from shared.updates import UpdateError, check_update, clip_update, update_norm
 
-COLUMNS = 1 << 16  # coordinates sorted at once by trimmed-mean and median (clients x this x 4 bytes)
+COLUMNS = 1 << 16  # coordinates sorted at once by trimmed-mean and median (clients x this x 8 bytes)
 
 
 def sample_clients(nodes: Sequence[int], fraction: float) -> tuple[list[int], bool]:

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 if str(seed) in results.get(name, {}):
                     continue  # measured by an earlier, interrupted invocation
                 overrides = {**DEFENCES[defence], "seed": seed, "attack": attack, "attack-fraction": fraction}
-                if attack == "fedrecattack" and not load_config(None, {**base, **overrides}).accepted_norm:
+                if attack == "fedrecattack" and not load_config(None, {**base, **DEFENCES[defence]}).accepted_norm:
                     overrides["attack-norm"] = args.norm_bound  # the server accepts any norm: as long as the bound
                 outcomes, seconds = one_run(base, overrides, args.out / "scratch")
                 results.setdefault(name, {})[str(seed)] = outcomes
