@@ -119,11 +119,13 @@ def summarise(results: dict[str, dict[str, dict]], seeds: list[int]) -> list[dic
 
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| defence | attack | malicious | ER@5 | sampled-99 HR@10 | HR@10 - same defence, no attack (95% CI) |",
-             "|---|---|---|---|---|---|"]
+    lines = [header, "", "| defence | attack | malicious | seeds | ER@5 | sampled-99 HR@10 | HR@10 - same defence, no attack "
+             "(95% CI) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = (f"{r['hr_difference']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if "hr_difference" in r else "-")
-        lines.append(f"| {r['defence']} | {r['attack']} | {r['fraction']:.0%} | {r['er@5']:.4f} | {r['hr@10']:.4f} | {diff} |")
+        seeds = ",".join(map(str, r["seeds"]))
+        lines.append(f"| {r['defence']} | {r['attack']} | {r['fraction']:.0%} | {seeds} | {r['er@5']:.4f} | {r['hr@10']:.4f} "
+                     f"| {diff} |")
     return "\n".join(lines) + "\n"
 
 
