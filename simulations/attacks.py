@@ -83,7 +83,9 @@ class Attack:
         drawn = rng.choice(self.popular, FAKE_HISTORY + 1, replace=False)  # FAKE_HISTORY - 1 items, val, test
         train = np.append(drawn[:FAKE_HISTORY - 1], self.target)
         others = np.setdiff1d(np.arange(self.n_items), [*drawn, self.target])  # never-seen items
-        negatives = [rng.choice(others, self.cfg.eval_negatives, replace=False) for _ in range(2)]
+        # (its evaluation is never used: a tiny catalogue may repeat negatives)
+        negatives = [rng.choice(others, self.cfg.eval_negatives, replace=len(others) < self.cfg.eval_negatives)
+                     for _ in range(2)]
         return UserSplit(-1 - k, train, int(drawn[-2]), int(drawn[-1]), *negatives)
 
     @property
