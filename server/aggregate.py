@@ -6,6 +6,16 @@ it would let one device's unbounded self-report steer the model and leak its siz
 checked here), Gaussian noise of std `sigma * C` is added to the sum, and the sum is divided by a fixed
 denominator, the expected number of sampled clients, so that one user changes the result by at most C /
 denominator whatever happened to the others.
+
+Without user-level DP the server sees every update in clear, and a plain mean lets one client move the model
+as far as it likes (an update of norm 1e6 moves it by 1e6 / n). `Robust` (robust-aggregation) bounds that:
+`norm-bound` scales each update down to at most a norm B before the mean (norm-bounded FedAvg; one client
+then moves the mean by at most B / n), `trimmed-mean` cuts the largest and smallest fraction beta of every
+coordinate's values before averaging the rest, `median` takes every coordinate's median (Yin et al., ICML
+2018: coordinate-wise trimmed mean and median). Under user-level DP the device's clip is the bound and the
+server only sums (a median of the noised sum does not exist); under trust-model secure the server sees only
+the modular sum of the devices' shares, where a device that breaks the protocol is bounded only by the
+modulus: server/secure_sum.py.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from typing import Sequence
 
 import torch
 
-from shared.updates import UpdateError, check_update, update_norm
+from shared.updates import UpdateError, check_update, clip_update, update_norm
+
+COLUMNS = 1 << 16  # coordinates sorted at once by trimmed-mean and median (clients x this x 8 bytes)
 
 
 def sample_clients(nodes: Sequence[int], fraction: float) -> tuple[list[int], bool]:
@@ -29,11 +41,57 @@ def sample_clients(nodes: Sequence[int], fraction: float) -> tuple[list[int], bo
     return [n for n in nodes if rng.random() < fraction], True
 
 
+@dataclass(frozen=True)
+class Robust:
+    """How the valid updates are combined where the server sees them in clear (see top)."""
+
+    kind: str = "none"  # none | norm-bound | trimmed-mean | median
+    norm_bound: float = 10.0
+    trim_fraction: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg) -> "Robust":
+        return cls(cfg.robust_aggregation, cfg.robust_norm_bound, cfg.robust_trim_fraction)
+
+    def combine(self, valid: Sequence[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The combined update of `valid` (at least one), in the reference's dtypes."""
+        if self.kind in ("trimmed-mean", "median"):
+            return {k: coordinatewise(self.kind, [u[k] for u in valid], self.trim_fraction).to(ref.dtype)
+                    for k, ref in reference.items()}
+        if self.kind == "norm-bound":
+            valid = [clip_update(u, self.norm_bound) for u in valid]
+        return {k: (v / len(valid)).to(reference[k].dtype) for k, v in ordered_sum(valid, reference).items()}
+
+
+def coordinatewise(kind: str, values: Sequence[torch.Tensor], trim_fraction: float) -> torch.Tensor:
+    """Every coordinate's median, or its mean after cutting floor(trim_fraction * n) values at each end, over
+    the n clients' tensors (in float64; sorted a block of coordinates at a time to bound memory)."""
+    n = len(values)
+    cut = (n - 1) // 2 if kind == "median" else int(trim_fraction * n)
+    flat = torch.stack([v.reshape(-1) for v in values])  # (n, coordinates)
+    out = torch.empty(flat.shape[1], dtype=torch.float64)
+    for start in range(0, flat.shape[1], COLUMNS):
+        block = flat[:, start:start + COLUMNS].double().sort(dim=0).values
+        out[start:start + COLUMNS] = block[cut:n - cut].mean(dim=0)  # median: the one or two middle values
+    return out.reshape(values[0].shape)
+
+
+def ordered_sum(updates: Sequence[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float64 sum, taken in order of norm, not of arrival: float addition is not associative, and a
+    canonical order makes the aggregate (and so a resumed run) independent of which reply came first."""
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
+    for update in sorted(updates, key=update_norm):
+        for k, v in update.items():
+            total[k] += v.double()
+    return total
+
+
 @dataclass
 class Aggregate:
     delta: dict[str, torch.Tensor] | None
     accepted: int
     rejected: list[str] = field(default_factory=list)  # one reason per rejected update
+    notes: list[str] = field(default_factory=list)  # what the aggregation did beyond the plain rule (logged)
 
 
 def aggregate(
@@ -44,10 +102,12 @@ def aggregate(
     noise_multiplier: float = 0.0,
     expected_clients: float = 0.0,
     generator: torch.Generator | None = None,
+    robust: Robust = Robust(),
 ) -> Aggregate:
-    """Validate each `(source, update)` and average the valid ones (or sum, noise and divide by the
-    fixed `expected_clients` under user-level DP). Invalid updates are left out and reported."""
-    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
+    """Validate each `(source, update)` and combine the valid ones as `robust` says (or sum, noise and divide
+    by the fixed `expected_clients` under user-level DP). Invalid updates are left out and reported."""
+    if user_dp and robust.kind != "none":
+        raise ValueError(f"robust aggregation {robust.kind!r} under user-level DP: the server only sums clipped updates")
     valid, rejected = [], []
     for source, update in updates:
         try:
@@ -56,18 +116,12 @@ def aggregate(
             rejected.append(str(exc))
             continue
         valid.append(update)
-    # Summed in order of norm, not of arrival: float addition is not associative, and a canonical order makes
-    # the aggregate (and so a resumed run) independent of which reply came first.
-    for update in sorted(valid, key=update_norm):
-        for k, v in update.items():
-            total[k] += v.double()
-    accepted = len(valid)
     if user_dp:
-        return Aggregate(noised_mean(total, reference, clip_norm, noise_multiplier, expected_clients, generator), accepted, rejected)
-    if accepted == 0:
+        total = ordered_sum(valid, reference)
+        return Aggregate(noised_mean(total, reference, clip_norm, noise_multiplier, expected_clients, generator), len(valid), rejected)
+    if not valid:
         return Aggregate(None, 0, rejected)
-    delta = {k: (v / accepted).to(reference[k].dtype) for k, v in total.items()}
-    return Aggregate(delta, accepted, rejected)
+    return Aggregate(robust.combine(valid, reference), len(valid), rejected)
 
 
 def noised_mean(

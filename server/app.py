@@ -24,10 +24,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server import checkpoint
-from server.aggregate import ServerOptimizer, aggregate, sample_clients, server_lr
+from server.aggregate import Robust, ServerOptimizer, aggregate, sample_clients, server_lr
 from server.records import RunFailed, RunRecorder
 from server.secure_sum import SecureRound
-from shared.config import RunConfig, from_flat
+from shared.config import ConfigError, RunConfig, from_flat
 from shared.data.resolve import resolve_dataset
 from shared.features import EncoderSettings, catalogue_shapes, placeholder_content
 from shared.model import build_model, shared_state
@@ -201,6 +201,9 @@ def round_progress(server_round: int) -> Callable[[int, int, float], None]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_flat(context.run_config)
+    if cfg.attack != "none":  # simulated hostile clients exist only in the in-process engine's harness
+        raise ConfigError(f"attack = {cfg.attack}: attacks are simulated by the in-process engine only "
+                          "(avrec simulate --engine inprocess)")
     if cfg.secure_aggregation:
         from server.secagg import run_secure
 
@@ -287,7 +290,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         else:
             result = aggregate(
                 updates, global_state, user_dp=cfg.user_dp, clip_norm=cfg.user_clip_norm,
-                noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected,
+                noise_multiplier=cfg.user_noise_multiplier, expected_clients=expected, robust=Robust.from_config(cfg),
             )
         if result.delta is not None:
             global_state = optimizer.step(global_state, result.delta, server_lr(cfg, server_round))
@@ -312,7 +315,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
         recorder.checkpoint(global_state)
         state.round, state.rounds, state.clients = server_round, recorder.rounds, [names[n] for n in nodes]
         checkpoint.save(out, state, global_state, {"m": optimizer.m, "v": optimizer.v})
-        for reason in (declined + result.rejected + failed)[:3]:
+        for reason in (declined + result.rejected + failed)[:3] + result.notes:
             log(WARNING, "avrec: round %d: %s", server_round, reason)
         log(INFO, "%s", recorder.progress_line())
         if sampled and len(declined) == len(sampled):  # a designed end, not a failure

@@ -22,6 +22,11 @@ DP_MODES = ("none", "record", "user", "both")
 # central = a trusted server (DP-FedAvg); secure = each device adds a discrete Gaussian share and only the
 # modular sum is revealed (distributed DP under secure aggregation).
 TRUST_MODELS = ("central", "secure")
+# How the server combines the updates it sees in clear (server/aggregate.py): plain mean, mean of updates scaled
+# to at most robust-norm-bound, or coordinate-wise trimmed mean / median (Yin et al. 2018)
+ROBUST_AGGREGATIONS = ("none", "norm-bound", "trimmed-mean", "median")
+# Simulated hostile clients (simulations/attacks.py, in-process engine only)
+ATTACKS = ("none", "fake-users", "fedrecattack")
 
 
 class ConfigError(UserError, ValueError):
@@ -85,6 +90,11 @@ class RunConfig:
     # Log how many devices of a round have answered every this many seconds (0 = only at the round's end):
     # `avrec simulate` sets it on a terminal, so a long round is not silent. Harness output, never sent.
     progress_seconds: float = 0.0
+    # Where the server sees updates in clear (no user-level DP): what bounds one client's influence. Under
+    # user-level DP the device clips to user-clip-norm and the server rejects longer updates (so only none).
+    robust_aggregation: str = "none"  # none | norm-bound | trimmed-mean | median
+    robust_norm_bound: float = 10.0  # norm-bound: each update scaled down to at most this L2 norm
+    robust_trim_fraction: float = 0.1  # trimmed-mean: this fraction of each coordinate's values cut at each end
 
     # Privacy
     dp: str = "user"  # none | record | user | both
@@ -144,6 +154,12 @@ class RunConfig:
     # at most this many rounds (0 = no cap), and at least this many rounds apart (1 = consecutive rounds)
     max_rounds_per_client: int = 0
     min_round_separation: int = 1
+    # Hostile clients, simulation harness only (in-process engine; simulations/attacks.py): this fraction of the
+    # honest clients' number is added as malicious clients promoting item `attack-target`
+    attack: str = "none"  # none | fake-users (fake histories: target + popular items) | fedrecattack (crafted updates)
+    attack_fraction: float = 0.0
+    attack_target: int = -1  # item index; -1 = an unpopular item chosen from the seed
+    attack_norm: float = 0.0  # fedrecattack's update norm; 0 = the largest the server accepts (needs a bound)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -177,6 +193,7 @@ class RunConfig:
             raise ConfigError(f"secure-bits = {self.secure_bits}: expected 8 .. 30")
         if not 0.0 < self.secure_min_fraction <= 1.0:
             raise ConfigError(f"secure-min-fraction = {self.secure_min_fraction}: expected 0 < value <= 1")
+        self._check_robustness()
         if self.grad_sample_mode not in ("ghost", "hooks"):
             raise ConfigError(f"grad-sample-mode = {self.grad_sample_mode!r}: expected ghost or hooks")
         for name in ("embedding_dim", "num_negatives", "local_epochs", "batch_size", "num_rounds", "video_frames",
@@ -266,6 +283,41 @@ class RunConfig:
                 f"dp = {self.dp!r} needs user-noise-multiplier > 0 and user-clip-norm > 0 "
                 f"(got {self.user_noise_multiplier}, {self.user_clip_norm})"
             )
+
+    def _check_robustness(self) -> None:
+        """Robust aggregation and simulated attacks: settings that make no sense are refused."""
+        if self.robust_aggregation not in ROBUST_AGGREGATIONS:
+            raise ConfigError(f"robust-aggregation = {self.robust_aggregation!r}: expected one of "
+                              f"{', '.join(ROBUST_AGGREGATIONS)}")
+        if self.robust_norm_bound <= 0:
+            raise ConfigError(f"robust-norm-bound = {self.robust_norm_bound}: expected an L2 norm > 0")
+        if not 0.0 <= self.robust_trim_fraction < 0.5:
+            raise ConfigError(f"robust-trim-fraction = {self.robust_trim_fraction}: expected 0 <= value < 0.5 (cut at "
+                              "each end of every coordinate)")
+        if self.user_dp and self.robust_aggregation != "none":
+            raise ConfigError(
+                f"robust-aggregation = {self.robust_aggregation} with dp = {self.dp!r}: under user-level DP the "
+                "server may only release the noised sum of updates the device clipped to user-clip-norm (that clip "
+                "is the bound; longer updates are rejected): use robust-aggregation = none")
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack = {self.attack!r}: expected one of {', '.join(ATTACKS)}")
+        if (self.attack == "none") != (self.attack_fraction == 0.0) or not 0.0 <= self.attack_fraction <= 1.0:
+            raise ConfigError(f"attack = {self.attack!r} with attack-fraction = {self.attack_fraction}: an attack needs "
+                              "0 < attack-fraction <= 1 (malicious clients per honest one), attack = none needs 0")
+        if self.attack_norm < 0:
+            raise ConfigError(f"attack-norm = {self.attack_norm}: expected >= 0 (0 = the largest the server accepts)")
+        if self.attack == "fedrecattack" and not self.attack_norm and not self.accepted_norm:
+            raise ConfigError(
+                f"attack = fedrecattack with robust-aggregation = {self.robust_aggregation} and dp = {self.dp!r}: the "
+                "server accepts updates of any norm, so attack-norm must say how long the crafted update is")
+
+    @property
+    def accepted_norm(self) -> float:
+        """The longest update the server accepts whole (0 = any): the device's clip under user-level DP, else
+        the norm bound where robust-aggregation = norm-bound."""
+        if self.user_dp:
+            return self.user_clip_norm
+        return self.robust_norm_bound if self.robust_aggregation == "norm-bound" else 0.0
 
     @property
     def record_dp(self) -> bool:

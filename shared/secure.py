@@ -19,6 +19,7 @@ N devices' x; `secagg_total` recovers S and reduces it modulo 2^bits: the modula
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Mapping
 
@@ -29,7 +30,7 @@ from shared.config import RunConfig
 from shared.privacy.distributed_dp import MECHANISM, DDGPlan, decode, encode, plan_ddg
 
 __all__ = ["MECHANISM", "ShareError", "check_share", "decode_total", "dimension", "flatten",
-           "noised_share", "round_plan", "secagg_input", "secagg_ranges", "secagg_total", "unflatten"]
+           "noised_share", "sum_bound", "round_plan", "secagg_input", "secagg_ranges", "secagg_total", "unflatten"]
 
 
 class ShareError(ValueError):
@@ -81,6 +82,19 @@ def decode_total(total: np.ndarray, plan: DDGPlan, rotation_seed: int, denominat
                  reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Server side: a modular sum of shares (however it was computed), decoded, over the fixed denominator."""
     return unflatten(decode(total, plan, rotation_seed) / denominator, reference)
+
+
+NOISE_TAIL = 10.0  # slack in the noise's norm, in standard deviations (a Gaussian exceeds it w.p. below e^-50)
+
+
+def sum_bound(plan: DDGPlan, survivors: int) -> float:
+    """The largest L2 norm (float units) of the decoded sum of `survivors` shares that followed the protocol:
+    each encoded update has norm <= rounded_l2_bound (integer units), and their noise shares sum to a discrete
+    Gaussian of std sqrt(survivors) x local_stddev per coordinate, whose norm stays below std (sqrt(D) +
+    NOISE_TAIL). A share outside the protocol can move the sum by up to gamma 2^(bits-1) sqrt(D) (any residue
+    per coordinate); with this bound on the sum it moves it by little more than all the devices together could."""
+    std = math.sqrt(survivors) * plan.local_stddev
+    return plan.gamma * (survivors * plan.rounded_l2_bound + std * (math.sqrt(plan.padded_dimension) + NOISE_TAIL))
 
 
 def secagg_ranges(bits: int) -> tuple[float, int]:

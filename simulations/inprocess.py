@@ -7,6 +7,9 @@ batched computation (`simulations.cohort`), with it each device runs `Device.tra
 Replies are built by the ClientApp's own `reply_message`, so the server sees what Flower would deliver;
 `tests/test_inprocess.py` checks that a run gives the same model as on Flower's simulation engine.
 
+With `attack` set, the run's malicious clients (`simulations.attacks`) are nodes after the honest ones: they
+receive every train message like them, and their replies go through the same `reply_message` and aggregation.
+
 Not covered: `secure-aggregation = true` (the SecAgg+ protocol runs only on Flower's engines). Under
 trust-model `secure` the devices' noise shares are encoded here and summed by the server as in Flower's
 simulation (`server.secure_sum`).
@@ -26,20 +29,24 @@ from flwr.app import Message, MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import reply_message, simulated_device
+from client.app import population, reply_message, simulated_device
+from client.device import Device
 from server.app import run
 from shared.config import ConfigError, RunConfig
+from simulations.attacks import Attack
 from simulations.cohort import train_cohort, vectorised
 
 Progress = Callable[[int, int, float], None]  # (devices done, devices asked, seconds since the pull began)
 
 
 class InProcessGrid:
-    """Nodes 1..n are the run's first n users (node k is partition k - 1, as on Flower's simulation engine)."""
+    """Nodes 1..n are the run's first n users (node k is partition k - 1, as on Flower's simulation engine);
+    the attack's malicious clients, if any, are nodes n + 1 onwards."""
 
-    def __init__(self, cfg: RunConfig, clients: int, progress: Progress | None = None) -> None:
+    def __init__(self, cfg: RunConfig, clients: int, progress: Progress | None = None, attack: Attack | None = None) -> None:
         self.cfg = cfg
-        self.nodes = list(range(1, clients + 1))
+        self.clients, self.attack = clients, attack
+        self.nodes = list(range(1, clients + 1 + (len(attack.devices) if attack else 0)))
         self.pending: dict[str, Message] = {}
         self.answered: dict[str, Message] = {}
         self.progress = progress
@@ -64,25 +71,41 @@ class InProcessGrid:
                 self.answered[reply.metadata.reply_to_message_id] = reply
         return [self.answered.pop(i) for i in list(message_ids) if i in self.answered]
 
+    def _device(self, node: int) -> Device:
+        if node > self.clients and self.attack:
+            return self.attack.devices[node - self.clients - 1]
+        return simulated_device(self.cfg, node - 1)
+
     def _answer(self, messages: list[Message]) -> list[Message]:
         cfg = self.cfg
-        started = time.perf_counter()
-        devices = [simulated_device(cfg, m.metadata.dst_node_id - 1) for m in messages]
+        devices = [self._device(m.metadata.dst_node_id) for m in messages]
         global_state = messages[0].content["arrays"].to_torch_state_dict()
         config = messages[0].content["config"]
         server_round, run_id = int(config["server-round"]), str(config.get("run-id", ""))
-        if vectorised(cfg):
-            done = (lambda n: self.progress(n, len(devices), time.perf_counter() - started)) if self.progress else None
-            replies = train_cohort(devices, global_state, server_round, done, run_id)
-        else:
-            replies = []
-            for done, device in enumerate(devices, 1):
-                replies.append(device.train_round(global_state, server_round, run_id))
-                if self.progress:
-                    self.progress(done, len(devices), time.perf_counter() - started)
+        malicious = [self.attack is not None and m.metadata.dst_node_id > self.clients for m in messages]
+        crafting = self.attack is not None and self.attack.crafts
+        trained = iter(self._train([d for d, bad in zip(devices, malicious) if not (bad and crafting)],
+                                   global_state, server_round, run_id))
+        replies = [self.attack.craft(d, global_state, server_round) if bad and crafting else next(trained)
+                   for d, bad in zip(devices, malicious)]
+        replies = [self.attack.conceal(r) if bad else r for r, bad in zip(replies, malicious)]
         # Encoding noise shares (trust-model secure) is numpy work that releases the GIL: one thread per core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             return list(pool.map(lambda a: reply_message(*a, cfg, global_state), zip(messages, replies, devices)))
+
+    def _train(self, devices: list[Device], global_state: dict[str, torch.Tensor], server_round: int,
+               run_id: str) -> list:
+        """Each device's round: batched without record-level DP, else `Device.train_round` in turn."""
+        started = time.perf_counter()
+        if vectorised(self.cfg):
+            done = (lambda n: self.progress(n, len(devices), time.perf_counter() - started)) if self.progress else None
+            return train_cohort(devices, global_state, server_round, done, run_id)
+        replies = []
+        for done, device in enumerate(devices, 1):
+            replies.append(device.train_round(global_state, server_round, run_id))
+            if self.progress:
+                self.progress(done, len(devices), time.perf_counter() - started)
+        return replies
 
 
 def run_inprocess(cfg: RunConfig, clients: int, dataset_dir: str, progress: Progress | None = None,
@@ -99,7 +122,11 @@ def run_inprocess(cfg: RunConfig, clients: int, dataset_dir: str, progress: Prog
     before = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)  # client.app sets one thread for side-by-side devices
     try:
+        attack = None
+        if cfg.attack != "none":
+            dataset, content, users = population(cfg)
+            attack = Attack(cfg, users, content, dataset.n_items)
         # Every train message of a round is pushed at once, so each pull trains the whole cohort together.
-        run(InProcessGrid(cfg, clients, progress), cfg.replace(messages_in_flight=0), dataset_dir)
+        run(InProcessGrid(cfg, clients, progress, attack), cfg.replace(messages_in_flight=0), dataset_dir)
     finally:
         torch.set_num_threads(before)

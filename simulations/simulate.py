@@ -88,6 +88,8 @@ def simulate(cfg: RunConfig, log=print, engine: str = "flower", with_baselines: 
             raise ConfigError(f"--ray-address {ray_address}: only Flower's engine runs on a Ray cluster; drop "
                               f"--engine {engine} or the address")
         check_ray_address(ray_address)  # before the dataset is split and embedded
+    if engine != "inprocess" and cfg.attack != "none":
+        raise ConfigError(f"attack = {cfg.attack}: simulated attacks run on the in-process engine only (--engine inprocess)")
     started = time.perf_counter()
     temp = None
     if not cfg.out:
