@@ -7,8 +7,8 @@ that example alone, which is what DP-SGD's sensitivity bound (the clip norm) ass
   pool that depends on the user's other records) and never from the batch (in-batch negatives couple
   examples: NOTES.md section 4);
 - the user's history enters only as a summary released once with Gaussian noise (`client.history`).
-Behaviour signals (`shared.data.signals`) weight each example's loss by at most 1, so its clipped gradient
-stays within the clip norm; a dislike drawn as a negative couples records and never runs under record-level DP.
+Behaviour signals (`shared.data.signals`) weight each example by at most 1: under DP-SGD the weight scales
+its clipped gradient (so the clip norm still bounds it), otherwise its loss; a dislike drawn as a negative couples records and never runs under record-level DP.
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ def train_local(
         # n, which would leak n: replace all three by the configured, data-independent ones.
         optimizer.expected_batch_size = cfg.batch_size
         loader = csprng_loader(loader, sample_rate, cfg.record_steps)
+    weigh_after_clip = dp and weights is not None
     steps, total, seen = 0, 0.0, 0
     for _ in range(epochs):
         for batch, batch_weights, *context in loader:
@@ -187,8 +188,12 @@ def train_local(
                 continue
             recent = context[0] if context else None
             logits = example_logits(model, history, batch, n_items, cfg, generator, None, recent, disliked)
-            loss = criterion(logits, batch_weights)
+            # Under DP-SGD a weight scales the clipped per-example gradient (weigh_clipped), not the loss: a
+            # gradient longer than the clip would otherwise lose its weight to the clip.
+            loss = criterion(logits, torch.ones_like(batch_weights) if weigh_after_clip else batch_weights)
             loss.backward()
+            if weigh_after_clip:
+                weigh_clipped(optimizer, batch_weights, cfg.clip_norm)
             if after_backward is not None:
                 after_backward(optimizer)
             optimizer.step()
@@ -198,6 +203,17 @@ def train_local(
     if dp:
         model.remove_hooks()  # the wrapped TwoTower lives on; leave it without Opacus hooks
     return TrainResult(n, steps, sample_rate, sigma, total / max(seen, 1))
+
+
+def weigh_clipped(optimizer, weights: torch.Tensor, clip: float) -> None:
+    """Replace each example's per-sample gradient g (Opacus hooks mode) by weight x g clipped to `clip`, with
+    Opacus's own clip factor: a weight <= 1 leaves every norm below `clip`, so the optimizer's clip that follows
+    changes nothing (beyond its 1e-6 guard) and the summed gradient is sum_i w_i clip(g_i)."""
+    params = [p for p in optimizer.params if p.grad_sample is not None]
+    norms = torch.stack([p.grad_sample.reshape(len(weights), -1).norm(dim=1) for p in params], dim=1).norm(dim=1)
+    factor = weights.to(norms.dtype) * (clip / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad_sample = p.grad_sample * factor.reshape(-1, *([1] * (p.grad_sample.dim() - 1)))
 
 
 def _noise_only_step(optimizer) -> None:

@@ -273,6 +273,10 @@ class RunConfig:
         if not 0 <= self.dislike_negatives <= self.num_negatives:
             raise ConfigError(f"dislike-negatives = {self.dislike_negatives}: expected 0 .. num-negatives "
                               f"({self.num_negatives})")
+        if self.signals != "none" and self.record_dp and self.grad_sample_mode == "ghost":
+            raise ConfigError(f"signals = {self.signals!r} with dp = {self.dp!r} and grad-sample-mode = ghost: a weight "
+                              "scales each example's clipped gradient, which ghost clipping never materialises; use "
+                              "grad-sample-mode = hooks (the default)")
         if self.dislike_negatives and self.record_dp:
             raise ConfigError(
                 f"dislike-negatives = {self.dislike_negatives} with dp = {self.dp!r}: a dislike drawn as another "

@@ -1,5 +1,5 @@
 """Behaviour signals: the dataset's event columns, their mapping to example weights and dislikes, the DP bound
-(a weight <= 1 never raises a per-example gradient: Opacus's per-sample gradients), dislikes refused where they
+(under DP-SGD a weight <= 1 scales each clipped per-example gradient: Opacus's own clip and sum), dislikes refused where they
 would couple records, and nothing new leaving the device."""
 
 from dataclasses import replace
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client.device import Device
-from client.trainer import WeightedCrossEntropy, example_draws, example_logits
+from client.trainer import WeightedCrossEntropy, example_draws, example_logits, weigh_clipped
 from shared.config import ConfigError, RunConfig
 from shared.data.dataset import DatasetError, load_dataset
 from shared.data.signals import run_split
@@ -92,8 +92,9 @@ def test_settings_that_would_void_the_bound_or_couple_records_are_refused():
     RunConfig(dp="record", signals="rating")  # weights alone keep the record-level bound
 
 
-def test_weights_scale_opacus_per_sample_gradients_so_none_exceeds_the_clip(world):
+def test_under_dp_sgd_a_weight_scales_the_clipped_gradient_and_opacus_sums_exactly_that(world):
     from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
     _, _, dataset, content = world
     cfg = RunConfig(dp="record", eval_negatives=20, modalities="text")
@@ -103,22 +104,37 @@ def test_weights_scale_opacus_per_sample_gradients_so_none_exceeds_the_clip(worl
     history = torch.randn(1, module._module.history_rows.shape[1])
     weights = torch.tensor([1.0, 0.5, 0.0, 0.25, 1.0, 0.75])
 
-    def per_sample(w):
+    def per_sample():
         module.zero_grad(set_to_none=True)
         for p in module.parameters():
             p.grad_sample = None
         logits = example_logits(module, history, targets, dataset.n_items, cfg, torch.Generator().manual_seed(3))
-        WeightedCrossEntropy()(logits, w).backward()
-        grads = [p.grad_sample.reshape(len(targets), -1) for p in module.parameters() if p.requires_grad]
-        return torch.cat(grads, dim=1)
+        WeightedCrossEntropy()(logits, torch.ones(6)).backward()
+        return torch.cat([p.grad_sample.reshape(6, -1) for p in module.parameters() if p.requires_grad], dim=1)
 
-    plain, weighted = per_sample(torch.ones(6)), per_sample(weights)
-    torch.testing.assert_close(weighted, plain * weights[:, None], atol=1e-6, rtol=1e-5)
-    norms, plain_norms = weighted.norm(dim=1), plain.norm(dim=1)
-    assert torch.all(norms <= plain_norms + 1e-6) and norms[2] == 0 and plain_norms.min() > 0
-    clip = 0.5 * float(plain_norms.min())  # every unweighted gradient would be clipped
-    clipped = weighted * (clip / norms.clamp(min=1e-12)).clamp(max=1.0)[:, None]  # what DP-SGD sums
-    assert torch.all(clipped.norm(dim=1) <= clip * (1 + 1e-6))
+    plain = per_sample()
+    norms = plain.norm(dim=1)
+    clip = float(norms.median())  # some examples clipped, some not
+    assert (norms > clip).any() and (norms < clip).any()
+    want = (weights * (clip / norms).clamp(max=1.0)) @ plain  # sum_i w_i clip(g_i)
+    # Opacus's own optimizer clips and sums after weigh_clipped, as in train_local
+    optimizer = DPOptimizer(torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1),
+                            noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=6)
+    weigh_clipped(optimizer, weights, clip)
+    weighed = torch.cat([p.grad_sample.reshape(6, -1) for p in optimizer.params], dim=1)
+    assert torch.all(weighed.norm(dim=1) <= clip) and weighed[2].abs().max() == 0
+    optimizer.clip_and_accumulate()
+    summed = torch.cat([p.summed_grad.reshape(-1) for p in optimizer.params])
+    torch.testing.assert_close(summed, want, atol=1e-5, rtol=1e-4)
+    # The loss-weighted alternative differs wherever the clip bites: the weight of a long gradient is lost.
+    lossy = (clip / (weights[:, None] * plain).norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+    assert not torch.allclose((weights * lossy) @ plain, want, atol=1e-4)
+
+
+def test_ghost_clipping_is_refused_with_weights_under_record_level_dp():
+    with pytest.raises(ConfigError, match="grad-sample-mode = ghost"):
+        RunConfig(dp="record", signals="rating", grad_sample_mode="ghost")
+    RunConfig(dp="user", signals="rating", grad_sample_mode="ghost")  # no DP-SGD on the device: the loss is weighted
 
 
 def test_dislikes_are_drawn_as_the_user_s_own_negatives(world):
