@@ -86,3 +86,8 @@ def table(metrics: Mapping[str, float], stage: str = "test") -> dict[str, dict[s
         p: {m: metrics[f"{p}/{stage}/{m}"] for m in METRICS[p] if f"{p}/{stage}/{m}" in metrics}
         for p in PROTOCOLS
     }
+
+
+def mean_and_spread(values) -> str:
+    """A table cell for one metric over seeds: the mean, and +- the standard deviation when there are several."""
+    return f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else "")

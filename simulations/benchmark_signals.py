@@ -27,6 +27,7 @@ from shared.data.dataset import Dataset, load_dataset
 from shared.data.resolve import resolve_dataset
 from shared.data.signals import RATING_EVENTS, run_split
 from shared.features import EncoderSettings, item_content
+from shared.metrics import mean_and_spread
 from simulations import baselines
 
 VARIANTS = {
@@ -68,7 +69,7 @@ def format_rows(results: list[dict]) -> str:
         cells = []
         for column in columns:
             values = [r[name][column] for r in results]
-            cells.append(f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else ""))
+            cells.append(mean_and_spread(values))
         lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

@@ -48,7 +48,7 @@ from shared.data.resolve import resolve_dataset
 from shared.data.signals import run_split
 from shared.data.split import UserSplit, user_negatives
 from shared.features import EncoderSettings, ItemContent, item_content
-from shared.metrics import hit, ndcg, rank_of
+from shared.metrics import hit, mean_and_spread, ndcg, rank_of
 from simulations import baselines
 
 VARIANTS = {"avrec content-only: text": ["text"], "avrec content-only: image": ["image"],
@@ -233,7 +233,7 @@ def format_rows(results: list[dict]) -> str:
         cells = []
         for metric in ("hr@10", "ndcg@10"):
             values = [r["rows"][name][metric] for r in results]
-            cells.append(f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else ""))
+            cells.append(mean_and_spread(values))
         lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from shared.data.dataset import load_dataset
 from shared.data.resolve import resolve_dataset
 from shared.data.split import leave_one_out
 from shared.features import EncoderSettings, ItemContent, item_content
-from shared.metrics import METRICS, PROTOCOLS
+from shared.metrics import METRICS, PROTOCOLS, mean_and_spread
 from simulations import baselines
 
 VARIANTS = {"text only": ["text"], "image only": ["image"], "text + image": ["text", "image"], "ID only": []}
@@ -50,7 +50,7 @@ def format_rows(rows: dict[str, dict]) -> str:
     for name, runs in rows.items():
         def cell(p, m):
             values = [r["test"][p][m] for r in runs]
-            return f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else "")
+            return mean_and_spread(values)
 
         weights = {k: np.mean([r["modality_weights"][k] for r in runs]) for k in runs[0].get("modality_weights", {})}
         shown = ", ".join(f"{k} {v:.3f}" for k, v in weights.items() if k != "none") or "-"

@@ -286,6 +286,12 @@ def _parse_timestamps(path: Path, values: pd.Series, positions: np.ndarray) -> n
     return out
 
 
+def _first_bad(path: Path, positions: np.ndarray, bad: np.ndarray) -> tuple[int, int]:
+    """The first flagged row and its line in the file, for an error that names it."""
+    row = int(np.flatnonzero(bad)[0])
+    return row, _line_numbers(path, positions[[row]])[0]
+
+
 def _check_signals(path: Path, raw: pd.DataFrame, positions: np.ndarray) -> None:
     """The optional behaviour columns: ``event`` in EVENTS (normalised to lower case in place), and
     ``watch_fraction`` a number in [0, 1]; empty cells are allowed in both."""
@@ -293,8 +299,7 @@ def _check_signals(path: Path, raw: pd.DataFrame, positions: np.ndarray) -> None
         raw["event"] = raw["event"].str.strip().str.lower()
         bad = ~raw["event"].isin(EVENTS + ("",)).to_numpy()
         if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            line = _line_numbers(path, positions[[row]])[0]
+            row, line = _first_bad(path, positions, bad)
             raise DatasetError(
                 f"{path}: line {line}: event {raw['event'].iloc[row]!r} ({int(bad.sum())} unknown value(s)); expected "
                 f"one of {', '.join(EVENTS)} or empty (= play). Likely cause: another event vocabulary; map it to "
@@ -304,8 +309,7 @@ def _check_signals(path: Path, raw: pd.DataFrame, positions: np.ndarray) -> None
         value = pd.to_numeric(text.where(text != ""), errors="coerce").to_numpy(dtype=float)
         bad = (text != "").to_numpy() & ~((value >= 0.0) & (value <= 1.0))  # NaN (unparsable) is bad too
         if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            line = _line_numbers(path, positions[[row]])[0]
+            row, line = _first_bad(path, positions, bad)
             raise DatasetError(
                 f"{path}: line {line}: watch_fraction {text.iloc[row]!r} ({int(bad.sum())} such value(s)); expected "
                 f"a number in [0, 1] or empty. Likely cause: a percentage (0-100) or seconds watched instead of "
