@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from client.history import release_history
+from client.private_fit import fit_private
 from client.sampling import SOURCE as SAMPLING_SOURCE
 from client.state import DeviceState
 from client.trainer import train_local
@@ -174,6 +175,11 @@ class Device:
                 )
             self._record(server_round, run_id, history_event)
 
+        fitted = None
+        if cfg.private_fit_steps and not cfg.record_dp:
+            # Under user-level DP (or none) training may start from the vector fitted to the received weights.
+            fitted = self.fit_private(model, history)
+            self._set_private(model, fitted)
         before = {k: v.clone() for k, v in shared_state(model).items()}
         # Behaviour signals stay here: they weight this device's examples, never change what it sends.
         result = train_local(
@@ -186,7 +192,21 @@ class Device:
         # The device serves the global weights it received with its freshly trained private vector: the
         # shared weights it trained locally carry this round's DP noise, which only averaging removes.
         model.load_state_dict(before, strict=False)
+        if cfg.private_fit_steps:
+            # It ranks with the vector fitted to the received weights; under record-level DP fitted only now,
+            # from the DP-trained one, and not kept (see client/private_fit.py).
+            self._set_private(model, fitted if fitted is not None else self.fit_private(model, history))
         return self.reply(delta, {**self.evaluate(model, history), "train-loss": result.loss})
+
+    def fit_private(self, model: TwoTower, history: torch.Tensor) -> torch.Tensor:
+        """`client.private_fit.fit_private` for this device's training items under `model`'s weights."""
+        return fit_private(model, self.split.train, history, model.users.user_vector.weight, self.cfg.private_fit_steps,
+                           self.cfg.recent_items, self.split.weights)
+
+    @staticmethod
+    def _set_private(model: TwoTower, vector: torch.Tensor) -> None:
+        with torch.no_grad():
+            model.users.user_vector.weight.copy_(vector)
 
     def reply(self, delta: dict[str, torch.Tensor], evaluation: dict[str, float]) -> Reply:
         """A trained round's reply (also built by the vectorised cohort trainer, simulations/cohort.py)."""

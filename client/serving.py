@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from client.private_fit import fit_private
 from shared.config import RunConfig, from_flat
 from shared.data.dataset import Dataset, load_dataset
+from shared.data.signals import interaction_signals, parse_weights
 from shared.features import EncoderSettings, item_content
-from shared.model import PRIVATE_PREFIX, build_model, is_private
+from shared.model import PRIVATE_KEY, build_model, is_private
 from shared.serving.recommender import Catalogue, Recommendation, Recommender
 from shared.text.analysis import analyse_catalogue, item_text_for_analysis
 from shared.serving.tags import Interests, TagEdits, behaviour_weights, catalogue_tags, derive_interests
 
-PRIVATE_KEY = f"users.{PRIVATE_PREFIX}weight"  # the private user vector in a device's private.safetensors
 MODEL_FILES = {"global": "global_model.safetensors", "best": "best_model.safetensors"}
 
 
@@ -84,6 +85,8 @@ class DeviceRecommender:
                                    catalogue_tags(dataset.items, [t.keywords for t in text]),
                                    [t.sentiment for t in text])
         self.recommender = Recommender(model, self.catalogue)
+        # The training weight of each interaction (behaviour signals), for fitting private vectors when serving.
+        self.signal_weights = interaction_signals(dataset, cfg.signals, parse_weights(cfg.signal_weights))[0]
 
     @classmethod
     def from_run(cls, run_dir: str | Path, model: str = "global", dataset: str | Path | None = None
@@ -108,12 +111,22 @@ class DeviceRecommender:
         except ValueError:
             raise ServingError(f"user {user_id!r} has no interactions in {ds.root / 'interactions.csv'}; expected "
                                f"a user id from its user_id column (e.g. {', '.join(ds.user_ids[:3])})") from None
-        rows = ds.interactions[ds.interactions["user"] == index]  # in time order
+        mine = (ds.interactions["user"] == index).to_numpy()
+        rows = ds.interactions[mine]  # in time order
         ratings = rows["rating"].to_numpy(float) if "rating" in rows.columns else None
         state_dir = self.state_root / str(user_id)
         saved = state_dir / "private.safetensors"  # read only: serving never writes the training state
         private = load_file(saved).get(PRIVATE_KEY) if saved.is_file() else None
-        return UserView(str(user_id), rows["item"].to_numpy(np.int64), behaviour_weights(ratings, len(rows)),
+        history = rows["item"].to_numpy(np.int64)
+        if self.cfg.private_fit_steps and len(history):
+            # Fitted to the weights served now (the saved vector followed the weights of the device's last
+            # round); a device without one (a new user) starts from zero.
+            model = self.recommender.model
+            start = torch.zeros(1, model.users.history.out_features) if private is None else private
+            private = fit_private(model, history, model.history_rows[torch.as_tensor(history)].sum(0), start,
+                                  self.cfg.private_fit_steps, self.cfg.recent_items,
+                                  self.signal_weights[mine])
+        return UserView(str(user_id), history, behaviour_weights(ratings, len(rows)),
                         None if private is None else private[0], state_dir)
 
     def interests(self, user: UserView) -> Interests:

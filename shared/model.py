@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 PRIVATE_PREFIX = "user_vector."  # parameters under this prefix never leave the device
+PRIVATE_KEY = f"users.{PRIVATE_PREFIX}weight"  # the private user vector (one row on a device)
 
 
 class ItemTower(nn.Module):
@@ -114,6 +115,17 @@ class UserTower(nn.Module):
         if self.user_vector is not None:
             nn.init.normal_(self.user_vector.weight, std=0.1)
 
+    def base(self, history: torch.Tensor, recent: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The user vector (B, dim) before the private vector is added and before normalising: the part the
+        shared weights compute (see `forward`)."""
+        user = self.history(history)
+        if recent is not None and self.recent_weights is not None:
+            vectors, valid = recent
+            zero = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+            weights = self.recent_weights(zero) * valid  # (B, k): an Embedding row, like every parameter here (see top)
+            user = user + (weights.unsqueeze(-1) * vectors).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+        return user
+
     def forward(
         self,
         history: torch.Tensor,
@@ -123,12 +135,7 @@ class UserTower(nn.Module):
         """`history` (B, history_dim): each example's history summary; `users` (B,) indexes the private
         vectors (all 0 on a device); `recent`: the item vectors (B, k, dim) of the user's latest items and
         their validity (B, k), where the privacy mode allows them (see `TwoTower.forward`)."""
-        user = self.history(history)
-        if recent is not None and self.recent_weights is not None:
-            vectors, valid = recent
-            zero = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
-            weights = self.recent_weights(zero) * valid  # (B, k): an Embedding row, like every parameter here (see top)
-            user = user + (weights.unsqueeze(-1) * vectors).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+        user = self.base(history, recent)
         if self.user_vector is not None:
             if users is None:
                 users = torch.zeros(history.shape[0], dtype=torch.long, device=history.device)
@@ -187,12 +194,23 @@ class TwoTower(nn.Module):
         recent: torch.Tensor | None = None,
         leave_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        history, context = self._user_inputs(history, recent, leave_out)
+        return self.users(history, users, context)
+
+    def user_base(
+        self, history: torch.Tensor, recent: torch.Tensor | None = None, leave_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`UserTower.base` for the arguments of `user_vectors`: what the private vector is added to."""
+        history, context = self._user_inputs(history, recent, leave_out)
+        return self.users.base(history, context)
+
+    def _user_inputs(self, history, recent, leave_out):
         if leave_out is not None:
             history = history - self.history_rows[leave_out]
         context = None
         if recent is not None and self.users.recent_weights is not None:
             context = (self.items(recent.clamp(min=0)), (recent >= 0).float())
-        return self.users(F.normalize(history, dim=-1), users, context)
+        return F.normalize(history, dim=-1), context
 
     @torch.no_grad()
     def score_all(

@@ -25,7 +25,7 @@ from client.device import Device, Reply
 from client.history import release_history
 from client.trainer import WeightedCrossEntropy, example_draws, example_loader
 from shared.metrics import user_metrics
-from shared.model import build_model, evaluation_inputs, is_private, shared_state
+from shared.model import PRIVATE_KEY, build_model, evaluation_inputs, is_private, shared_state
 
 COHORT = 128  # devices whose stacked weights and activations are held at once (about 1 GB at ML-100K's size)
 
@@ -105,6 +105,7 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
     plans = [_plan(d, template, server_round) for d in devices]
     order = sorted(range(len(plans)), key=lambda i: -len(plans[i].batches))
     plans = [plans[i] for i in order]
+    fitted = _fit_private(plans, global_state) if cfg.private_fit_steps else None
 
     names = {n for n, p in template.named_parameters() if p.requires_grad}
     frozen = {**{n: p.detach() for n, p in template.named_parameters() if n not in names},
@@ -141,9 +142,10 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
         losses[:m] += values.detach().double() * count
         seen[:m] += count
 
-    # Each device serves the global weights with its freshly trained private vector (Device.train_round).
+    # Each device ranks with the global weights and its freshly trained, or fitted, private vector
+    # (Device.train_round).
     private_names = sorted(n for n in names if is_private(n))
-    evaluations = _evaluate(plans, template, global_state, {n: weights[n] for n in private_names})
+    evaluations = _evaluate(plans, template, global_state, fitted or {n: weights[n] for n in private_names})
     replies = []
     for i, plan in enumerate(plans):
         private = {n: weights[n][i].clone() for n in private_names}
@@ -156,6 +158,18 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
     for position, original in enumerate(order):
         unsorted[original] = replies[position]
     return unsorted
+
+
+def _fit_private(plans: list[_Plan], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each plan's private vector fitted to the global weights (`Device.fit_private`), made its starting point;
+    returns them stacked by name, as `_evaluate` takes them."""
+    device = plans[0].device
+    model = build_model(device.content, device.n_catalogue, device.cfg)
+    model.load_state_dict({**model.state_dict(), **global_state})
+    for plan in plans:
+        model.load_state_dict(plan.private, strict=False)
+        plan.private = {PRIVATE_KEY: plan.device.fit_private(model, plan.history)}
+    return {PRIVATE_KEY: torch.stack([plan.private[PRIVATE_KEY] for plan in plans])}
 
 
 @torch.no_grad()
