@@ -37,8 +37,9 @@ def shared_params(model) -> list[torch.Tensor]:
     return [p for name, p in model.named_parameters() if p.requires_grad and not is_private(name)]
 
 
-def squared_update_norms(content: ItemContent, n: int) -> tuple[np.ndarray, int]:
-    """||update||^2 of the shared weights over RUNS runs on the first n of one fixed interaction list."""
+def squared_update_norms(content: ItemContent, n: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """||update||^2 of the shared weights over RUNS runs on the first n of one fixed interaction list
+    (`weights`: behaviour-signal weights of those n interactions)."""
     items = torch.randint(0, N_ITEMS, (400,), generator=torch.Generator().manual_seed(1)).numpy()[:n]
     history = torch.nn.functional.normalize(torch.randn(1, CONTENT_DIM, generator=torch.Generator().manual_seed(2)), dim=-1)
     norms = []
@@ -46,7 +47,7 @@ def squared_update_norms(content: ItemContent, n: int) -> tuple[np.ndarray, int]
         torch.manual_seed(0)
         model = build_model(content, N_ITEMS, CFG)
         before = torch.cat([p.detach().reshape(-1).clone() for p in shared_params(model)])
-        train_local(model, items, history, CFG, secrets.randbits(62), dp=True)
+        train_local(model, items, history, CFG, secrets.randbits(62), dp=True, weights=weights)
         after = torch.cat([p.detach().reshape(-1) for p in shared_params(model)])
         norms.append(float((after - before).pow(2).sum()))
     return np.array(norms), int(before.numel())
@@ -68,6 +69,19 @@ def test_neighbouring_interaction_counts_are_not_separated(content, pair):
     b, _ = squared_update_norms(content, pair[1])
     # The old code separated them perfectly; for one distribution the chance is 2 / C(24, 12) < 1e-6.
     assert a.min() < b.max() and b.min() < a.max(), (pair, sorted(a), sorted(b))
+
+
+@pytest.mark.parametrize("extra_weight", [0.0, 0.5])
+def test_with_behaviour_signals_one_more_interaction_is_not_separated(content, extra_weight):
+    """Signals weigh each example's clipped gradient on the device (a skip or dislike weighs 0): one more
+    interaction, of whatever weight, must not change the noise the update carries."""
+    weights = np.random.default_rng(4).choice([0.0, 0.5, 1.0], 21)
+    weights[-1] = extra_weight
+    a, d = squared_update_norms(content, 20, weights[:20])
+    b, _ = squared_update_norms(content, 21, weights)
+    assert a.min() < b.max() and b.min() < a.max(), (sorted(a), sorted(b))
+    expected = CFG.record_steps * d * (CFG.learning_rate * CFG.noise_multiplier * CFG.clip_norm / CFG.batch_size) ** 2
+    assert a.mean() / expected == pytest.approx(1.0, abs=0.03) and b.mean() / expected == pytest.approx(1.0, abs=0.03)
 
 
 def _devices(world, tmp_path, **changes) -> list[Device]:
