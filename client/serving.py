@@ -118,16 +118,20 @@ class DeviceRecommender:
         saved = state_dir / "private.safetensors"  # read only: serving never writes the training state
         private = load_file(saved).get(PRIVATE_KEY) if saved.is_file() else None
         history = rows["item"].to_numpy(np.int64)
-        if self.cfg.private_fit_steps and len(history):
-            # Fitted to the weights served now (the saved vector followed the weights of the device's last
-            # round); a device without one (a new user) starts from zero.
-            model = self.recommender.model
-            start = torch.zeros(1, model.users.history.out_features) if private is None else private
-            private = fit_private(model, history, model.history_rows[torch.as_tensor(history)].sum(0), start,
-                                  self.cfg.private_fit_steps, self.cfg.recent_items,
-                                  self.signal_weights[mine])
-        return UserView(str(user_id), history, behaviour_weights(ratings, len(rows)),
-                        None if private is None else private[0], state_dir)
+        private = self.fitted_private(history, None if private is None else private[0], self.signal_weights[mine])
+        return UserView(str(user_id), history, behaviour_weights(ratings, len(rows)), private, state_dir)
+
+    def fitted_private(self, history: np.ndarray, start: torch.Tensor | None = None,
+                       weights: np.ndarray | None = None) -> torch.Tensor | None:
+        """The private vector to serve with: with `private-fit-steps` fitted to the weights served now (the
+        saved vector `start` followed the weights of the device's last round; a new user starts from zero),
+        else `start` as saved. `weights`: the training weight of each history item (None = 1 each)."""
+        if not self.cfg.private_fit_steps or not len(history):
+            return start
+        model = self.recommender.model
+        begin = torch.zeros(1, model.users.history.out_features) if start is None else start.reshape(1, -1)
+        rows = model.history_rows[torch.as_tensor(history)].sum(0)
+        return fit_private(model, history, rows, begin, self.cfg.private_fit_steps, self.cfg.recent_items, weights)[0]
 
     def interests(self, user: UserView) -> Interests:
         derived = derive_interests(user.history, user.weights, self.catalogue.tags)

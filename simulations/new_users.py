@@ -3,7 +3,8 @@ and 5 events, against popularity, on users the run never trained on.
 
 A run with `max-users = N` trains on the first N users; every later user of the dataset is new to it:
 their device holds no private vector and none of their data reached the model. Each new user's device
-serves (`client.serving`: the run's last global model, no private vector) from:
+serves (`client.serving`: the run's last global model, no saved private vector; with the run's
+`private-fit-steps` one fitted on the device to the events it was given) from:
 - 0 events, no tags: the learned item offsets alone;
 - 0 events, picked tags: the same plus `tag_boost` for each picked tag an item carries. The picks are a
   stand-in for what the user would tick on an onboarding screen: the 3 strongest interest tags of their
@@ -53,7 +54,7 @@ def evaluate(device: DeviceRecommender, clients: int, n_users: int, tag_boost: f
         lists[f"avrec, 0 events, {PICKS} picked tags"] = [r.item for r in rec.recommend(events[:0], None, 20, tags, tag_boost, explain=0)]
         for k in EVENTS:
             if k:
-                lists[f"avrec, first {k} events"] = rec.rank(events[:k], None, 20)
+                lists[f"avrec, first {k} events"] = rec.rank(events[:k], device.fitted_private(events[:k]), 20)
             seen = set(events[:k].tolist())
             lists[f"popularity, first {k} events"] = [int(i) for i in by_popularity[: 20 + k] if i not in seen][:20]
         for name, items in lists.items():
