@@ -176,7 +176,7 @@ class Device:
             self._record(server_round, run_id, history_event)
 
         fitted = None
-        if cfg.private_fit_steps and not cfg.record_dp:
+        if cfg.fits_private and not cfg.record_dp:
             # Under user-level DP (or none) training may start from the vector fitted to the received weights.
             fitted = self.fit_private(model, history)
             self._set_private(model, fitted)
@@ -192,7 +192,7 @@ class Device:
         # The device serves the global weights it received with its freshly trained private vector: the
         # shared weights it trained locally carry this round's DP noise, which only averaging removes.
         model.load_state_dict(before, strict=False)
-        if cfg.private_fit_steps:
+        if cfg.fits_private:
             # It ranks with the vector fitted to the received weights; under record-level DP fitted only now,
             # from the DP-trained one, and not kept (see client/private_fit.py).
             self._set_private(model, fitted if fitted is not None else self.fit_private(model, history))

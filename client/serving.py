@@ -25,7 +25,7 @@ from shared.features import EncoderSettings, item_content
 from shared.model import PRIVATE_KEY, build_model, is_private
 from shared.serving.recommender import Catalogue, Recommendation, Recommender
 from shared.text.analysis import analyse_catalogue, item_text_for_analysis
-from shared.serving.tags import Interests, TagEdits, behaviour_weights, catalogue_tags, derive_interests
+from shared.serving.tags import Interests, TagEdits, catalogue_tags, derive_interests
 
 MODEL_FILES = {"global": "global_model.safetensors", "best": "best_model.safetensors"}
 
@@ -48,8 +48,9 @@ class UserView:
     user_id: str
     history: np.ndarray
     weights: np.ndarray
-    private: torch.Tensor | None  # None: the device holds no trained private vector
+    private: torch.Tensor | None  # None: no saved vector and none fitted (private-fit-steps = 0)
     state_dir: Path
+    private_source: str = "none (this device holds no trained state)"
 
 
 def catalogue_size(weights: dict[str, torch.Tensor], dataset: Dataset) -> int:
@@ -85,7 +86,8 @@ class DeviceRecommender:
                                    catalogue_tags(dataset.items, [t.keywords for t in text]),
                                    [t.sentiment for t in text])
         self.recommender = Recommender(model, self.catalogue)
-        # The training weight of each interaction (behaviour signals), for fitting private vectors when serving.
+        # Each interaction's behaviour weight (shared/data/signals.py): what it says about the user's interests
+        # (tags) and how much it counts when a private vector is fitted here.
         self.signal_weights = interaction_signals(dataset, cfg.signals, parse_weights(cfg.signal_weights))[0]
 
     @classmethod
@@ -113,20 +115,23 @@ class DeviceRecommender:
                                f"a user id from its user_id column (e.g. {', '.join(ds.user_ids[:3])})") from None
         mine = (ds.interactions["user"] == index).to_numpy()
         rows = ds.interactions[mine]  # in time order
-        ratings = rows["rating"].to_numpy(float) if "rating" in rows.columns else None
         state_dir = self.state_root / str(user_id)
         saved = state_dir / "private.safetensors"  # read only: serving never writes the training state
         private = load_file(saved).get(PRIVATE_KEY) if saved.is_file() else None
         history = rows["item"].to_numpy(np.int64)
-        private = self.fitted_private(history, None if private is None else private[0], self.signal_weights[mine])
-        return UserView(str(user_id), history, behaviour_weights(ratings, len(rows)), private, state_dir)
+        weights = self.signal_weights[mine]
+        start = None if private is None else private[0]
+        fitted = self.fitted_private(history, start, weights)
+        source = ("fitted on this device to the served model" + (" from its state" if start is not None else "")
+                  if fitted is not start else "from its state" if start is not None else UserView.private_source)
+        return UserView(str(user_id), history, weights, fitted, state_dir, source)
 
     def fitted_private(self, history: np.ndarray, start: torch.Tensor | None = None,
                        weights: np.ndarray | None = None) -> torch.Tensor | None:
         """The private vector to serve with: with `private-fit-steps` fitted to the weights served now (the
         saved vector `start` followed the weights of the device's last round; a new user starts from zero),
         else `start` as saved. `weights`: the training weight of each history item (None = 1 each)."""
-        if not self.cfg.private_fit_steps or not len(history):
+        if not self.cfg.fits_private or not len(history):
             return start
         model = self.recommender.model
         begin = torch.zeros(1, model.users.history.out_features) if start is None else start.reshape(1, -1)

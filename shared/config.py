@@ -74,8 +74,9 @@ class RunConfig:
     learning_rate: float = 0.5
     private_learning_rate: float = 0.5  # learning rate of the private user vector
     # L-BFGS iterations fitting the private vector alone to the weights a device holds, before it trains
-    # (not under record-level DP) and ranks (client/private_fit.py); 0 = trained jointly only
-    private_fit_steps: int = 0
+    # (not under record-level DP) and ranks (client/private_fit.py); 0 = trained jointly only. Without a
+    # private vector (private-user-vector = false) there is nothing to fit.
+    private_fit_steps: int = 10
 
     # Federation (server)
     num_rounds: int = 20
@@ -178,9 +179,6 @@ class RunConfig:
         for name in ("private_learning_rate", "private_fit_steps", "seed", "max_users", "recent_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key(name)} = {getattr(self, name)}: expected a value >= 0")
-        if self.private_fit_steps and not self.private_user_vector:
-            raise ConfigError(f"private-fit-steps = {self.private_fit_steps} fits the private user vector, but "
-                              "private-user-vector = false: turn the vector on or set private-fit-steps = 0")
         if self.dp not in DP_MODES:
             raise ConfigError(f"dp = {self.dp!r}: expected one of {', '.join(DP_MODES)}")
         if self.id_embeddings not in ("auto", "true", "false"):
@@ -346,6 +344,11 @@ class RunConfig:
     @property
     def use_id_embeddings(self) -> bool:
         return self.id_embeddings == "true" or (self.id_embeddings == "auto" and not self.record_dp)
+
+    @property
+    def fits_private(self) -> bool:
+        """Whether devices fit their private vector to the weights they hold (`private-fit-steps`)."""
+        return self.private_fit_steps > 0 and self.private_user_vector
 
     @property
     def train_recent(self) -> bool:

@@ -105,7 +105,7 @@ def _train_chunk(devices: list[Device], global_state: dict[str, torch.Tensor], s
     plans = [_plan(d, template, server_round) for d in devices]
     order = sorted(range(len(plans)), key=lambda i: -len(plans[i].batches))
     plans = [plans[i] for i in order]
-    fitted = _fit_private(plans, global_state) if cfg.private_fit_steps else None
+    fitted = _fit_private(plans, global_state) if cfg.fits_private else None
 
     names = {n for n, p in template.named_parameters() if p.requires_grad}
     frozen = {**{n: p.detach() for n, p in template.named_parameters() if n not in names},

@@ -112,8 +112,7 @@ def test_serving_fits_a_new_users_vector_to_the_served_weights(world, tmp_path):
         model, user.history, zero, cfg.recent_items)
 
 
-def test_bad_fit_settings_are_refused():
+def test_bad_fit_settings_are_refused_and_no_vector_means_no_fit():
     with pytest.raises(ConfigError, match="private-fit-steps = -1"):
         load_config(None, {"private-fit-steps": "-1"})
-    with pytest.raises(ConfigError, match="private-user-vector = false"):
-        load_config(None, {"private-fit-steps": "5", "private-user-vector": "false"})
+    assert not load_config(None, {"private-fit-steps": "5", "private-user-vector": "false"}).fits_private

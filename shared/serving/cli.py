@@ -13,8 +13,7 @@ def _format(user_id: str, recs, interests, user, changed: bool) -> str:
     tags = ", ".join(f"{t} {w:.2f}" for t, w in interests.tags.items()) or "none yet"
     edits = interests.edits
     lines = [
-        f"user {user_id}: {len(user.history)} events on this device; private vector "
-        f"{'from its state' if user.private is not None else 'none (this device holds no trained state)'}",
+        f"user {user_id}: {len(user.history)} events on this device; private vector {user.private_source}",
         f"interest tags: {tags}",
     ]
     if edits.added or edits.removed:

@@ -47,14 +47,6 @@ def catalogue_tags(items, extra: Sequence[Iterable[str]] | None = None) -> list[
     return out
 
 
-def behaviour_weights(ratings: np.ndarray | None, n: int) -> np.ndarray:
-    """How much each event says about an interest: 1 per event, or rating / 5 where the history has ratings
-    on MovieLens's 1-5 scale (a 2-star film says less about what the user likes than a 5-star one)."""
-    if ratings is None:
-        return np.ones(n)
-    return np.clip(np.asarray(ratings, dtype=float) / 5.0, 0.0, 1.0)
-
-
 @dataclass
 class TagEdits:
     """Tags the user added (wanted more of) and removed (wanted less of), kept on the device."""
