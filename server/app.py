@@ -254,6 +254,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             after = epsilon_after(ledger, user_event, [names[n] for n in sampled], random_sample, cfg.user_delta)
             if budget_exhausted(recorder, cfg, after, server_round):
                 break
+        sent_state = global_state  # what this round's devices evaluate (the step below makes a new dict)
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(round_config)})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
         replies = send_and_receive(grid, messages, cfg.messages_in_flight, progress=round_progress(server_round),
@@ -312,7 +313,7 @@ def run(grid: Grid, cfg: RunConfig, dataset_dir: str) -> None:
             ray_nodes=dict(sorted(ray_nodes.items())),
             user_epsilon=user_epsilon(ledger.entries, cfg.user_delta).epsilon if ledger is not None else None,
         )
-        recorder.checkpoint(global_state)
+        recorder.checkpoint(global_state, sent_state)
         state.round, state.rounds, state.clients = server_round, recorder.rounds, [names[n] for n in nodes]
         checkpoint.save(out, state, global_state, {"m": optimizer.m, "v": optimizer.v})
         for reason in (declined + result.rejected + failed)[:3] + result.notes:

@@ -93,12 +93,14 @@ class RunRecorder:
         with open(self.out / "rounds.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    def checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        tensors = {k: v.contiguous() for k, v in state.items()}
+    def checkpoint(self, state: dict[str, torch.Tensor], evaluated: dict[str, torch.Tensor]) -> None:
+        """`state`: the weights after the last round; `evaluated`: the weights that round's devices received and
+        ranked with, which its metrics describe (kept as the best model when the round is the best)."""
         meta = {"round": str(self.rounds[-1]["round"] if self.rounds else 0)}
-        atomic_write(self.out / "global_model.safetensors", lambda p: save_file(tensors, p, metadata=meta))
-        if self.best() is self.rounds[-1]:
-            atomic_write(self.out / "best_model.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+        for name, weights in (("global_model", state), ("best_model", evaluated)):
+            if name == "global_model" or self.best() is self.rounds[-1]:
+                tensors = {k: v.contiguous() for k, v in weights.items()}
+                atomic_write(self.out / f"{name}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
 
     def stopped(self, reason: str) -> None:
         self.stop_reason = reason

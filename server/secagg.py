@@ -211,6 +211,7 @@ class SecAggFedAvg(FedAvg):
         n = len(results)
         sampled = len(self.participants)
         result = Aggregate(None, 0, ["no masked vector arrived"])
+        sent_state = self.global_state  # what this round's devices ranked with (the step makes a new dict)
         if n:
             # Every FitRes carries the same unmasked mean (the workflow's backward compatibility).
             try:
@@ -239,7 +240,7 @@ class SecAggFedAvg(FedAvg):
             failed=[f"a device sent no masked vector (dropped out; {len(failures)} failure record(s))"] * (sampled - n),
             user_epsilon=user_epsilon(self.ledger.entries, self.cfg.user_delta).epsilon,
         )
-        self.recorder.checkpoint(self.global_state)
+        self.recorder.checkpoint(self.global_state, sent_state)
         log(INFO, "%s", self.recorder.progress_line())
         return ndarrays_to_parameters([v.numpy() for v in self.global_state.values()]), {}
 

@@ -96,3 +96,20 @@ def test_a_resumed_user_level_run_is_accounted_as_the_uninterrupted_one(tmp_path
     # Under the new ids themselves each user would be charged for 2 of the 3 rounds only.
     naive = ledger_of("naive.jsonl", [[1, 2]] * 2 + [[10, 20]])
     assert user_epsilon(naive.entries, 1e-5).epsilon < whole
+
+
+def test_the_best_model_is_the_one_its_round_measured(tmp_path):
+    """A round's metrics are the devices' ranking with the weights they received, so the best model is those
+    weights, not the ones the round's aggregation made after."""
+    from safetensors.torch import load_file
+
+    from server.records import RunRecorder
+
+    recorder = RunRecorder(tmp_path)
+    for server_round, hr in ((1, 0.2), (2, 0.5), (3, 0.4)):
+        recorder.round(server_round, [{"sampled-99/val/hr@10": hr}], seconds=1.0, sampled=1, aggregated=1,
+                       declined=[], rejected=[], failed=[], user_epsilon=None)
+        sent, after = {"w": torch.full((2,), float(server_round))}, {"w": torch.full((2,), server_round + 0.5)}
+        recorder.checkpoint(after, sent)
+    assert torch.equal(load_file(tmp_path / "best_model.safetensors")["w"], torch.full((2,), 2.0))
+    assert torch.equal(load_file(tmp_path / "global_model.safetensors")["w"], torch.full((2,), 3.5))
