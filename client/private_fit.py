@@ -38,7 +38,7 @@ def fit_private(
     loss of the user's training items (time order, `weights` aligned with them, None = 1 each) under the
     model's shared weights; each item is predicted from the history without it and the `recent_items`
     before it, as in training. `history` is the training history's sum (H,)."""
-    targets = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
+    targets = torch.as_tensor(np.array(train_items, dtype=np.int64))
     if steps <= 0 or targets.numel() == 0:
         return start.clone()
     was_training = model.training

@@ -135,7 +135,7 @@ class DeviceRecommender:
             return start
         model = self.recommender.model
         begin = torch.zeros(1, model.users.history.out_features) if start is None else start.reshape(1, -1)
-        rows = model.history_rows[torch.as_tensor(history)].sum(0)
+        rows = model.history_rows[torch.as_tensor(np.array(history, dtype=np.int64))].sum(0)
         return fit_private(model, history, rows, begin, self.cfg.private_fit_steps, self.cfg.recent_items, weights)[0]
 
     def interests(self, user: UserView) -> Interests:
